@@ -1,0 +1,248 @@
+"""The `adallm` op library: every schema, its documented Python wrapper and its fake impl, in one place.
+
+Implementations live elsewhere and register against these schemas:
+  CPU  -> adallm_ops/reference.py  (plain torch; the oracle the CUDA kernels are tested against)
+  CUDA -> csrc/*.cu                 (TORCH_LIBRARY_IMPL(adallm, CUDA, m), loaded by adallm_ops/_build.py)
+
+Layouts (the canonical on-disk layouts; kernels read them as they are, nothing is repacked):
+  NVFP4 weight [N, K]:
+    weight               uint8          [N, K/2]   element 2i in the low nibble, 2i+1 in the high one;
+                                                   nibble = sign bit (8) | E2M1 magnitude code (0..7)
+    weight_scale         float8_e4m3fn  [N, K/16]  one scale per 16 consecutive elements along K
+    weight_global_scale  float32        []         per-tensor scale
+    w[n, k] = e2m1(code[n, k]) * float(weight_scale[n, k // 16]) * weight_global_scale
+  FP8 KV cache (one per layer, for K and for V):
+    cache                float8_e4m3fn  [B, Hkv, L, D]  token at absolute cache position p sits in slot p % L
+                                                        (a global layer has L = max length, so slot = p;
+                                                        a sliding-window layer has L = window: a ring buffer)
+    scale                float32        [B, Hkv, L]     per (token, head): value = float(cache) * scale
+"""
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+E2M1_MAX = 6.0  # largest E2M1 magnitude
+NVFP4_BLOCK = 16  # elements per E4M3 block scale
+
+_defs = {
+    "nvfp4_linear": (
+        "nvfp4_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, "
+        "Tensor? bias) -> Tensor"
+    ),
+    "nvfp4_quantize": "nvfp4_quantize(Tensor x, Tensor global_scale) -> (Tensor, Tensor)",
+    "nvfp4_moe_linear": (
+        "nvfp4_moe_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, "
+        "Tensor expert_ids) -> Tensor"
+    ),
+    "fp8_kv_write": (
+        "fp8_kv_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, "
+        "Tensor(d!) v_scale, Tensor positions) -> ()"
+    ),
+    "fp8_decode_attention": (
+        "fp8_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
+        "Tensor cache_seqlens, Tensor cache_start, float sm_scale, int sliding_window, float softcap) -> Tensor"
+    ),
+}
+for _name, _schema in _defs.items():
+    torch.library.define(f"adallm::{_schema.split('(', 1)[0]}", "(" + _schema.split("(", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks shared by the fake impls and the CPU reference (the CUDA impls repeat them in C++
+# with TORCH_CHECK, so a bad call fails the same way on every device and while tracing).
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"adallm: {msg}")
+
+
+def check_nvfp4_weight(weight: torch.Tensor, weight_scale: torch.Tensor, global_scale: torch.Tensor,
+                       experts: bool = False) -> tuple[int, int]:
+    """Validates an NVFP4 weight triple; returns (N, K). With experts=True a leading E dim is expected."""
+    lead = 1 if experts else 0
+    _require(weight.dtype == torch.uint8, f"weight must be uint8 (packed FP4), got {weight.dtype}")
+    _require(weight_scale.dtype == torch.float8_e4m3fn,
+             f"weight_scale must be float8_e4m3fn, got {weight_scale.dtype}")
+    _require(global_scale.dtype == torch.float32,
+             f"weight_global_scale must be float32, got {global_scale.dtype}")
+    _require(weight.dim() == 2 + lead, f"weight must be {2 + lead}-D, got shape {tuple(weight.shape)}")
+    _require(weight.is_contiguous() and weight_scale.is_contiguous(), "weight and weight_scale must be contiguous")
+    n, k = weight.shape[lead], weight.shape[lead + 1] * 2
+    _require(k % NVFP4_BLOCK == 0, f"K = {k} must be a multiple of {NVFP4_BLOCK}")
+    _require(tuple(weight_scale.shape) == tuple(weight.shape[:lead]) + (n, k // NVFP4_BLOCK),
+             f"weight_scale shape {tuple(weight_scale.shape)} does not match weight {tuple(weight.shape)} "
+             f"(expected {tuple(weight.shape[:lead]) + (n, k // NVFP4_BLOCK)})")
+    _require(tuple(global_scale.shape) == tuple(weight.shape[:lead]),
+             f"weight_global_scale must have shape {tuple(weight.shape[:lead])}, got {tuple(global_scale.shape)}")
+    _require(weight.device == weight_scale.device == global_scale.device,
+             "weight, weight_scale and weight_global_scale must be on one device")
+    return n, k
+
+
+def check_activation(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
+    _require(x.dtype in (torch.bfloat16, torch.float16), f"x must be bfloat16 or float16, got {x.dtype}")
+    _require(x.shape[-1] == k, f"x has K = {x.shape[-1]} but the weight has K = {k}")
+    _require(x.device == weight.device, f"x is on {x.device} but the weight is on {weight.device}")
+
+
+def check_kv_cache(cache: torch.Tensor, scale: torch.Tensor, name: str) -> None:
+    _require(cache.dtype == torch.float8_e4m3fn, f"{name}_cache must be float8_e4m3fn, got {cache.dtype}")
+    _require(cache.dim() == 4, f"{name}_cache must be [B, Hkv, L, D], got shape {tuple(cache.shape)}")
+    _require(cache.is_contiguous() and scale.is_contiguous(), f"{name}_cache and {name}_scale must be contiguous")
+    _require(scale.dtype == torch.float32 and tuple(scale.shape) == tuple(cache.shape[:3]),
+             f"{name}_scale must be float32 {tuple(cache.shape[:3])}, got {scale.dtype} {tuple(scale.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wrappers (documented entry points) and fake impls.
+
+
+def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 weight_global_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(weight).T + bias.
+
+    x: bf16/fp16 [..., K]; weight: uint8 [N, K/2]; weight_scale: e4m3 [N, K/16];
+    weight_global_scale: fp32 []; bias: x.dtype [N] or None. Returns x.dtype [..., N].
+    Example: y = nvfp4_linear(torch.randn(2, 64, dtype=torch.bfloat16), w, s, g)  # w [N, 32] -> y [2, N]
+    """
+    return torch.ops.adallm.nvfp4_linear(x, weight, weight_scale, weight_global_scale, bias)
+
+
+@torch.library.register_fake("adallm::nvfp4_linear")
+def _(x, weight, weight_scale, weight_global_scale, bias):
+    n, k = check_nvfp4_weight(weight, weight_scale, weight_global_scale)
+    check_activation(x, k, weight)
+    if bias is not None:
+        _require(bias.shape == (n,) and bias.dtype == x.dtype, f"bias must be {x.dtype} [{n}]")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes x to NVFP4 with a given per-tensor global scale (ModelOpt recipe, round-to-nearest-even).
+
+    x: bf16/fp16/fp32 [N, K], K % 16 == 0, finite; global_scale: fp32 [].
+    Returns (weight uint8 [N, K/2], weight_scale float8_e4m3fn [N, K/16]); see adallm/nvfp4.py for the
+    recipe and for computing global_scale.
+    """
+    return torch.ops.adallm.nvfp4_quantize(x, global_scale)
+
+
+def check_quantize_args(x: torch.Tensor, global_scale: torch.Tensor) -> None:
+    _require(x.dtype in (torch.bfloat16, torch.float16, torch.float32),
+             f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    _require(x.dim() == 2, f"x must be 2-D [N, K], got shape {tuple(x.shape)}")
+    _require(x.shape[1] % NVFP4_BLOCK == 0, f"K = {x.shape[1]} must be a multiple of {NVFP4_BLOCK}")
+    _require(global_scale.dtype == torch.float32 and global_scale.dim() == 0,
+             f"global_scale must be a float32 scalar tensor, got {global_scale.dtype} {tuple(global_scale.shape)}")
+    _require(x.device == global_scale.device, "x and global_scale must be on one device")
+
+
+@torch.library.register_fake("adallm::nvfp4_quantize")
+def _(x, global_scale):
+    check_quantize_args(x, global_scale)
+    n, k = x.shape
+    return (x.new_empty((n, k // 2), dtype=torch.uint8),
+            x.new_empty((n, k // NVFP4_BLOCK), dtype=torch.float8_e4m3fn))
+
+
+def nvfp4_moe_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     weight_global_scale: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Routed NVFP4 experts: out[t, j] = x[t] (or x[t, j]) @ dequant(weight[expert_ids[t, j]]).T.
+
+    x: bf16/fp16 [T, K] (one input shared by the top-k experts, e.g. gate_up) or [T, topk, K] (one per
+    expert, e.g. down); weight: uint8 [E, N, K/2]; weight_scale: e4m3 [E, N, K/16];
+    weight_global_scale: fp32 [E]; expert_ids: int32/int64 [T, topk], each in [0, E).
+    Returns x.dtype [T, topk, N]. Only the routed experts' weights are read.
+    """
+    return torch.ops.adallm.nvfp4_moe_linear(x, weight, weight_scale, weight_global_scale, expert_ids)
+
+
+@torch.library.register_fake("adallm::nvfp4_moe_linear")
+def _(x, weight, weight_scale, weight_global_scale, expert_ids):
+    n, k = check_nvfp4_weight(weight, weight_scale, weight_global_scale, experts=True)
+    check_activation(x, k, weight)
+    _require(expert_ids.dtype in (torch.int32, torch.int64) and expert_ids.dim() == 2,
+             f"expert_ids must be int32/int64 [T, topk], got {expert_ids.dtype} {tuple(expert_ids.shape)}")
+    t, topk = expert_ids.shape
+    _require(x.shape in ((t, k), (t, topk, k)),
+             f"x must be [{t}, {k}] or [{t}, {topk}, {k}] to match expert_ids, got {tuple(x.shape)}")
+    return x.new_empty((t, topk, n))
+
+
+def fp8_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 k_scale: torch.Tensor, v_scale: torch.Tensor, positions: torch.Tensor) -> None:
+    """Quantizes new K/V to e4m3 with one scale per (token, head) and writes them into the cache, in place.
+
+    k, v: bf16/fp16 [B, Hkv, S, D]; k_cache, v_cache: float8_e4m3fn [B, Hkv, L, D];
+    k_scale, v_scale: fp32 [B, Hkv, L]; positions: int64 [S], absolute cache positions (slot = p % L),
+    S <= L and distinct slots. scale = amax(|x| over D) / 448 (1 for an all-zero row), stored value =
+    e4m3(x / scale): the largest element maps to ±448, so no input can overflow to NaN/Inf.
+    """
+    torch.ops.adallm.fp8_kv_write(k, v, k_cache, v_cache, k_scale, v_scale, positions)
+
+
+def check_kv_write_args(k, v, k_cache, v_cache, k_scale, v_scale, positions) -> None:
+    check_kv_cache(k_cache, k_scale, "k")
+    check_kv_cache(v_cache, v_scale, "v")
+    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape")
+    _require(k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype,
+             f"k and v must both be bfloat16 or float16, got {k.dtype}, {v.dtype}")
+    b, h, length, d = k_cache.shape
+    _require(k.dim() == 4 and k.shape == v.shape and (k.shape[0], k.shape[1], k.shape[3]) == (b, h, d),
+             f"k/v must be [{b}, {h}, S, {d}] to match the cache, got {tuple(k.shape)}, {tuple(v.shape)}")
+    _require(positions.dtype == torch.int64 and positions.shape == (k.shape[2],),
+             f"positions must be int64 [{k.shape[2]}], got {positions.dtype} {tuple(positions.shape)}")
+    _require(k.shape[2] <= length, f"cannot write {k.shape[2]} tokens into a cache of length {length} "
+             "(a ring buffer takes at most its length; pass the last L tokens)")
+    _require(len({t.device for t in (k, v, k_cache, v_cache, k_scale, v_scale, positions)}) == 1,
+             "all fp8_kv_write tensors must be on one device")
+
+
+@torch.library.register_fake("adallm::fp8_kv_write")
+def _(k, v, k_cache, v_cache, k_scale, v_scale, positions):
+    check_kv_write_args(k, v, k_cache, v_cache, k_scale, v_scale, positions)
+
+
+def fp8_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                         v_scale: torch.Tensor, cache_seqlens: torch.Tensor, cache_start: torch.Tensor,
+                         sm_scale: float, sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """Attention of one new query token per sequence over an FP8 KV cache (GQA, sliding window, softcap).
+
+    q: bf16/fp16 [B, Hq, D], Hq % Hkv == 0; k_cache, v_cache: float8_e4m3fn [B, Hkv, L, D];
+    k_scale, v_scale: fp32 [B, Hkv, L]; cache_seqlens: int32 [B], tokens written so far including the
+    new one; cache_start: int32 [B], first valid position (left padding before it).
+    Row b attends to positions p in [max(cache_start[b], cache_seqlens[b] - sliding_window), cache_seqlens[b])
+    (sliding_window = 0: no window), read from slot p % L; that range must fit in L.
+    logits = q·k * sm_scale, then softcap * tanh(logits / softcap) when softcap > 0.
+    Returns q.dtype [B, Hq, D].
+    """
+    return torch.ops.adallm.fp8_decode_attention(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens,
+                                                 cache_start, sm_scale, sliding_window, softcap)
+
+
+def check_decode_attention_args(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, cache_start,
+                                sliding_window, softcap) -> None:
+    check_kv_cache(k_cache, k_scale, "k")
+    check_kv_cache(v_cache, v_scale, "v")
+    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape")
+    b, hkv, _, d = k_cache.shape
+    _require(q.dtype in (torch.bfloat16, torch.float16), f"q must be bfloat16 or float16, got {q.dtype}")
+    _require(q.dim() == 3 and q.shape[0] == b and q.shape[2] == d,
+             f"q must be [{b}, Hq, {d}] to match the cache, got {tuple(q.shape)}")
+    _require(q.shape[1] % hkv == 0, f"Hq = {q.shape[1]} must be a multiple of Hkv = {hkv}")
+    _require(q.is_contiguous(), "q must be contiguous")
+    _require(d in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {d}")
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_start", cache_start)):
+        _require(t.dtype == torch.int32 and t.shape == (b,), f"{name} must be int32 [{b}], got {t.dtype} {tuple(t.shape)}")
+    _require(sliding_window >= 0 and softcap >= 0, "sliding_window and softcap must be >= 0")
+    _require(len({t.device for t in (q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, cache_start)}) == 1,
+             "all fp8_decode_attention tensors must be on one device")
+
+
+@torch.library.register_fake("adallm::fp8_decode_attention")
+def _(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, cache_start, sm_scale, sliding_window, softcap):
+    check_decode_attention_args(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, cache_start,
+                                sliding_window, softcap)
+    return torch.empty_like(q)
