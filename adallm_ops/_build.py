@@ -42,7 +42,15 @@ def sources() -> list[str]:
     if not CSRC.is_dir():
         raise FileNotFoundError(f"CUDA sources not found at {CSRC}; install adallm from a source checkout "
                                 "(pip install -e .)")
-    return sorted(str(p) for p in CSRC.glob("*.cu")) + sorted(str(p) for p in CSRC.glob("*.cpp"))
+    files = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp"))
+    # Development aid: ADALLM_SOURCES="a.cu,b.cu" builds only those files (the other ops then have no
+    # CUDA impl and say so when called).
+    only = [s.strip() for s in os.environ.get("ADALLM_SOURCES", "").split(",") if s.strip()]
+    if only:
+        files = [f for f in files if f.name in only]
+    if not files:
+        raise FileNotFoundError(f"no CUDA sources in {CSRC}")
+    return [str(f) for f in files]
 
 
 def build(verbose: bool = False) -> None:
