@@ -61,21 +61,31 @@ def global_scale_for(*weights: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
 
 
-def quantize(w: torch.Tensor, global_scale: torch.Tensor | None = None, name: str = "weight") -> NVFP4Weight:
-    """Quantizes w [N, K] (finite, K % 16 == 0) with the recipe above; runs on w's device."""
+METHODS = ("rtn",)
+
+
+def quantize(w: torch.Tensor, global_scale: torch.Tensor | None = None, name: str = "weight",
+             method: str = "rtn") -> NVFP4Weight:
+    """Quantizes w [N, K] (finite, K % 16 == 0) with the recipe above; runs on w's device.
+
+    method: "rtn" (round-to-nearest, the ModelOpt recipe).
+    """
+    if method not in METHODS:
+        raise ValueError(f"adallm: unknown NVFP4 quantizer {method!r}; choose one of {METHODS}")
     _check_weight(w, name)
     g = global_scale_for(w) if global_scale is None else global_scale.to(w.device, torch.float32)
     packed, scale = torch.ops.adallm.nvfp4_quantize(w.detach().contiguous(), g)
     return NVFP4Weight(packed, scale, g)
 
 
-def quantize_group(weights: list[torch.Tensor], names: list[str] | None = None) -> list[NVFP4Weight]:
+def quantize_group(weights: list[torch.Tensor], names: list[str] | None = None,
+                   method: str = "rtn") -> list[NVFP4Weight]:
     """Quantizes a fused group (e.g. q/k/v) with one shared global scale."""
     names = names or [f"weight[{i}]" for i in range(len(weights))]
     for w, n in zip(weights, names):
         _check_weight(w, n)
     g = global_scale_for(*weights)
-    return [quantize(w, g, n) for w, n in zip(weights, names)]
+    return [quantize(w, g, n, method) for w, n in zip(weights, names)]
 
 
 def dequantize(q: NVFP4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
