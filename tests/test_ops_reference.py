@@ -1,0 +1,152 @@
+"""CPU reference impls of the ops vs a float64 re-computation from their definitions."""
+import math
+
+import pytest
+import torch
+
+import adallm_ops
+from adallm import nvfp4
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def dequant64(weight, weight_scale, global_scale):
+    """Decodes the packed bytes one nibble at a time, in float64."""
+    n, half = weight.shape
+    w = torch.empty(n, half * 2, dtype=torch.float64)
+    scales = weight_scale.double()
+    for r in range(n):
+        for i, byte in enumerate(weight[r].tolist()):
+            for j, nib in enumerate((byte & 0xF, byte >> 4)):
+                k = 2 * i + j
+                v = E2M1[nib & 7] * (-1 if nib & 8 else 1)
+                w[r, k] = v * scales[r, k // 16].item() * global_scale.double().item()
+    return w
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 32), (3, 24, 64), (5, 16, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_nvfp4_linear_vs_float64(m, n, k, dtype, bias):
+    q = nvfp4.quantize(torch.randn(n, k))
+    x = torch.randn(2, m, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    y = adallm_ops.nvfp4_linear(x, q.weight, q.weight_scale, q.weight_global_scale, b)
+    ref = x.double() @ dequant64(q.weight, q.weight_scale, q.weight_global_scale).t()
+    if bias:
+        ref += b.double()
+    assert y.shape == (2, m, n) and y.dtype == dtype
+    assert rel_err(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_nvfp4_moe_linear_vs_float64():
+    e, n, k, t, topk = 4, 16, 32, 5, 2
+    ws = [nvfp4.quantize(torch.randn(n, k)) for _ in range(e)]
+    w = torch.stack([q.weight for q in ws])
+    s = torch.stack([q.weight_scale for q in ws])
+    g = torch.stack([q.weight_global_scale for q in ws])
+    ids = torch.randint(0, e, (t, topk))
+    for x in (torch.randn(t, k, dtype=torch.bfloat16), torch.randn(t, topk, k, dtype=torch.bfloat16)):
+        y = adallm_ops.nvfp4_moe_linear(x, w, s, g, ids)
+        for ti in range(t):
+            for j in range(topk):
+                xi = x[ti] if x.dim() == 2 else x[ti, j]
+                q = ws[ids[ti, j]]
+                ref = xi.double() @ dequant64(q.weight, q.weight_scale, q.weight_global_scale).t()
+                assert rel_err(y[ti, j], ref) < 4e-3
+
+
+def make_cache(b, hkv, length, d, scale=1.0):
+    kc = torch.zeros(b, hkv, length, d, dtype=torch.float8_e4m3fn)
+    vc = torch.zeros_like(kc)
+    ks = torch.zeros(b, hkv, length)
+    vs = torch.zeros_like(ks)
+    return kc, vc, ks, vs
+
+
+def test_kv_write_round_trip_and_extremes():
+    kc, vc, ks, vs = make_cache(2, 2, 8, 64)
+    k = torch.randn(2, 2, 3, 64, dtype=torch.bfloat16)
+    k[0, 0, 0] *= 1e4
+    k[0, 1, 1] *= 1e-6
+    k[1, 0, 2] = 0
+    v = torch.randn_like(k)
+    pos = torch.tensor([9, 10, 11])  # ring-buffer slots 1, 2, 3
+    adallm_ops.fp8_kv_write(k, v, kc, vc, ks, vs, pos)
+    got = kc.float()[:, :, 1:4] * ks[:, :, 1:4, None]
+    assert torch.isfinite(got).all()
+    # e4m3 has 3 mantissa bits: per-element relative error <= 2^-4, relative to each row's amax
+    err = (got - k.float()).abs().amax(-1) / k.float().abs().amax(-1).clamp_min(1e-30)
+    assert err.max() <= 2 ** -4
+    assert got[0, 1, 1].abs().max() > 0  # 1e-6 values did not vanish
+    assert (got[1, 0, 2] == 0).all()
+    assert (kc.view(torch.uint8)[:, :, [0, 4, 5, 6, 7]] == 0).all()  # other slots untouched
+
+
+def attention64(q, kc, vc, ks, vs, seqlens, starts, sm_scale, window, softcap):
+    """Loops over rows and heads; positions listed explicitly; softmax in float64."""
+    b, hq, d = q.shape
+    hkv, length = kc.shape[1], kc.shape[2]
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for r in range(b):
+        lo = int(starts[r]) if window == 0 else max(int(starts[r]), int(seqlens[r]) - window)
+        pos = list(range(lo, int(seqlens[r])))
+        slots = [p % length for p in pos]
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            kk = kc[r, kv, slots].double() * ks[r, kv, slots, None].double()
+            vv = vc[r, kv, slots].double() * vs[r, kv, slots, None].double()
+            logit = kk @ q[r, h].double() * sm_scale
+            if softcap:
+                logit = softcap * torch.tanh(logit / softcap)
+            out[r, h] = torch.softmax(logit, 0) @ vv
+    return out
+
+
+@pytest.mark.parametrize("b,hkv,group,d", [(1, 2, 1, 64), (3, 2, 2, 128), (2, 1, 4, 256), (5, 2, 8, 64)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0), (6, 50.0)])
+def test_decode_attention_vs_float64(b, hkv, group, d, window, softcap):
+    length = 16 if window == 0 else window  # sliding layers keep a ring buffer of the window
+    kc, vc, ks, vs = make_cache(b, hkv, length, d)
+    kc.copy_(torch.randn(kc.shape).to(torch.float8_e4m3fn))
+    vc.copy_(torch.randn(vc.shape).to(torch.float8_e4m3fn))
+    ks.uniform_(0.5, 2.0)
+    vs.uniform_(0.5, 2.0)
+    hi = length if window == 0 else 40  # ring buffers wrap around
+    seqlens = torch.randint(2, hi + 1, (b,), dtype=torch.int32)
+    starts = torch.minimum(torch.randint(0, 3, (b,), dtype=torch.int32), seqlens - 1)
+    q = torch.randn(b, hkv * group, d, dtype=torch.bfloat16)
+    sm = d ** -0.5
+    out = adallm_ops.fp8_decode_attention(q, kc, vc, ks, vs, seqlens, starts, sm, window, softcap)
+    ref = attention64(q, kc, vc, ks, vs, seqlens, starts, sm, window, softcap)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert rel_err(out, ref) < 4e-3
+
+
+def test_decode_attention_rejects_overlong_range():
+    kc, vc, ks, vs = make_cache(1, 1, 8, 64)
+    q = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        adallm_ops.fp8_decode_attention(q, kc, vc, ks, vs, torch.tensor([12], dtype=torch.int32),
+                                        torch.tensor([0], dtype=torch.int32), 0.1, 0, 0.0)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 32), *w, None), "bfloat16 or float16"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 48, dtype=torch.bfloat16), *w, None), "K = 48"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 32, dtype=torch.bfloat16), w[0].float(), w[1], w[2], None),
+     "uint8"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 32, dtype=torch.bfloat16), w[0].t(), w[1], w[2], None),
+     "contiguous"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 32, dtype=torch.bfloat16), w[0], w[1][:, :1].contiguous(), w[2], None),
+     "weight_scale shape"),
+    (lambda w: adallm_ops.nvfp4_quantize(torch.randn(4, 20), torch.tensor(1.0)), "multiple of 16"),
+])
+def test_bad_inputs_raise_clear_errors(call, msg):
+    q = nvfp4.quantize(torch.randn(8, 32))
+    with pytest.raises(ValueError, match=msg):
+        call((q.weight, q.weight_scale, q.weight_global_scale))
