@@ -1,0 +1,196 @@
+"""End-to-end decode/prefill benchmark: transformers BF16 (static cache + compile) vs AdaLLM, one process.
+
+`adallm bench qwen3-8b` (or a model id/path) builds the model, measures the BF16 baseline where it fits,
+patches it in place to NVFP4 (+ FP8 KV cache) and measures again on the same prompts. Decode time is
+generate(P + n tokens) minus generate(P + 1 token), so it excludes prefill; each number is the median
+of `repeats` runs after a warm-up run that also compiles. The weight-bandwidth floor is the bytes one
+decode step must read (every layer weight once; for MoE only the routed experts) over the copy
+bandwidth measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+# Published configs (random weights are fine for speed: only shapes matter).
+SHAPES: dict[str, dict] = {
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960,
+                          rope_theta=1e6, tie_word_embeddings=False),
+    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360,
+                       num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=256,
+                       rope_theta=1e6, max_position_embeddings=131072),
+    "gemma3-27b": dict(model_type="gemma3_text", hidden_size=5376, intermediate_size=21504,
+                       num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                       vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=168,
+                       rope_theta=1e6, max_position_embeddings=131072),
+}
+
+
+def build_model(name: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A named shape set with random weights, or a model id/path loaded with from_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name in SHAPES:
+        cfg = dict(SHAPES[name])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device)
+    model.eval()
+    model.generation_config.eos_token_id = None  # always generate exactly the tokens asked for
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of 10."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return nbytes / statistics.median(times[2:])
+
+
+def decode_bytes_per_token(model: nn.Module) -> int:
+    """Bytes one batch-1 decode step reads from the weights: all parameters and buffers of the decoder
+    layers and the lm_head, one embedding row, and for MoE only top-k of E experts."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    cfg = model.config.get_text_config()
+    total = 0
+    for name, t in list(inner.named_parameters()) + list(inner.named_buffers()):
+        if "embed_tokens" in name or "rotary" in name:
+            continue
+        nbytes = t.numel() * t.element_size()
+        if ".experts." in name:
+            nbytes = nbytes * cfg.num_experts_per_tok // cfg.num_experts
+        total += nbytes
+    head = model.get_output_embeddings()
+    total += sum(t.numel() * t.element_size() for t in list(head.parameters()) + list(head.buffers()))
+    return total + cfg.hidden_size * 2
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
+            **generate_kwargs) -> dict:
+    """Times generate: time to first token and decode tok/s (per sequence) at one batch size."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(100, vocab - 100, (batch, prompt_len), device=model.device)
+    mask = torch.ones_like(ids)
+
+    def gen(n):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, **generate_kwargs)
+
+    gen(new_tokens)  # warm-up (compiles)
+    gen(1)
+    torch.cuda.reset_peak_memory_stats()
+    ttft = _timed(lambda: gen(1), repeats)
+    total = _timed(lambda: gen(new_tokens), repeats)
+    decode_s = (total - ttft) / (new_tokens - 1)
+    return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ttft_ms=ttft * 1e3,
+                decode_ms_per_step=decode_s * 1e3, decode_tok_s=batch / decode_s,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 128, prefill_len: int = 2048,
+        baseline: bool = True, repeats: int = 3) -> dict:
+    import adallm
+
+    bw = copy_bandwidth()
+    results: dict = dict(model=name, gpu=torch.cuda.get_device_name(), copy_bandwidth_GBs=bw / 1e9,
+                         torch=torch.__version__, cuda=torch.version.cuda)
+    model = build_model(name)
+    rows = {}
+    if baseline:
+        rows["bf16"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw,
+                                    cache_implementation="static")
+    torch.cuda.empty_cache()
+    adallm.patch(model)
+    torch.cuda.empty_cache()
+    rows["adallm"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw)
+    results["rows"] = rows
+    if baseline:
+        b1 = {r["batch"]: r for r in rows["bf16"]["decode"]}
+        a1 = {r["batch"]: r for r in rows["adallm"]["decode"]}
+        results["decode_speedup"] = {b: a1[b]["decode_tok_s"] / b1[b]["decode_tok_s"] for b in a1}
+        results["peak_memory_ratio_b1"] = a1[batches[0]]["peak_gib"] / b1[batches[0]]["peak_gib"]
+        results["prefill_ratio"] = rows["adallm"]["prefill_tok_s"] / rows["bf16"]["prefill_tok_s"]
+    return results
+
+
+def _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw, **kw) -> dict:
+    floor_s = decode_bytes_per_token(model) / bw
+    decode = []
+    for b in batches:
+        r = measure(model, b, prompt_len, new_tokens, repeats, **kw)
+        r["floor_ms"] = floor_s * 1e3
+        r["pct_of_floor"] = 100 * floor_s / (r["decode_ms_per_step"] / 1e3)
+        decode.append(r)
+        torch.cuda.empty_cache()
+    pre = measure(model, 1, prefill_len, 2, repeats, **kw)
+    return dict(weight_bytes_per_token=decode_bytes_per_token(model), decode=decode,
+                prefill_tok_s=prefill_len / (pre["ttft_ms"] / 1e3), prefill_ttft_ms=pre["ttft_ms"])
+
+
+def print_table(res: dict) -> None:
+    print(f"\n{res['model']} on {res['gpu']} (copy bandwidth {res['copy_bandwidth_GBs']:.0f} GB/s)")
+    print(f"{'impl':8} {'batch':>5} {'ttft ms':>9} {'ms/step':>8} {'tok/s':>9} {'% floor':>8} {'peak GiB':>9}")
+    for impl, rows in res["rows"].items():
+        for r in rows["decode"]:
+            print(f"{impl:8} {r['batch']:5d} {r['ttft_ms']:9.1f} {r['decode_ms_per_step']:8.2f} "
+                  f"{r['decode_tok_s']:9.1f} {r['pct_of_floor']:7.1f}% {r['peak_gib']:9.2f}")
+        print(f"{impl:8} prefill {rows['prefill_tok_s']:.0f} tok/s (ttft {rows['prefill_ttft_ms']:.0f} ms)")
+    for key in ("decode_speedup", "peak_memory_ratio_b1", "prefill_ratio"):
+        if key in res:
+            print(f"{key}: {res[key]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="adallm bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help=f"a model id/path or a shape set: {', '.join(SHAPES)}")
+    p.add_argument("--batches", default="1,4,16", help="decode batch sizes, comma-separated")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers BF16 (e.g. it does not fit)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="write the results as JSON here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("adallm bench needs a CUDA GPU")
+    res = run(a.model, tuple(int(b) for b in a.batches.split(",")), a.prompt_len, a.new_tokens, a.prefill_len,
+              not a.no_baseline, a.repeats)
+    print_table(res)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)

@@ -1,0 +1,49 @@
+"""Runs every CUDA op once on small, awkward shapes that reach each code path (GEMV and GEMM, split and
+unsplit attention, ring buffers), checking against the CPU reference. Meant to run under
+`compute-sanitizer --tool memcheck` (benchmarks/gpu_check.sh), which reports any out-of-bounds access."""
+import torch
+
+import adallm_ops  # noqa: F401
+from adallm import nvfp4
+
+
+def close(a, b, tol=2e-2):
+    err = ((a.double().cpu() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+    assert err < tol, err
+
+
+def main():
+    dev = "cuda"
+    for m, n, k in [(1, 40, 96), (3, 24, 4112), (16, 72, 272), (17, 40, 96), (130, 200, 336)]:
+        w = torch.randn(n, k)
+        q = nvfp4.quantize(w.to(dev))
+        assert torch.equal(q.weight.cpu(), nvfp4.quantize(w).weight)
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        b = torch.randn(n, dtype=torch.bfloat16)
+        y = torch.ops.adallm.nvfp4_linear(x.to(dev), q.weight, q.weight_scale, q.weight_global_scale, b.to(dev))
+        close(y, torch.ops.adallm.nvfp4_linear(x, q.weight.cpu(), q.weight_scale.cpu(), q.weight_global_scale.cpu(), b))
+    e = [nvfp4.quantize(torch.randn(48, 64)) for _ in range(5)]
+    ew = [torch.stack([getattr(t, a) for t in e]) for a in ("weight", "weight_scale", "weight_global_scale")]
+    ids = torch.randint(0, 5, (3, 2))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    close(torch.ops.adallm.nvfp4_moe_linear(x.to(dev), *[t.to(dev) for t in ew], ids.to(dev)),
+          torch.ops.adallm.nvfp4_moe_linear(x, *ew, ids))
+    for b, hkv, group, d, length, window, seqlens in [(1, 8, 4, 128, 4096, 0, [3001]), (3, 2, 2, 64, 40, 0, [7, 19, 40]),
+                                                       (2, 4, 2, 256, 16, 16, [39, 16])]:
+        kc = torch.zeros(b, hkv, length, d, dtype=torch.float8_e4m3fn, device=dev)
+        vc, ks, vs = kc.clone(), torch.ones(b, hkv, length, device=dev), torch.ones(b, hkv, length, device=dev)
+        new = torch.randn(b, hkv, length, d, dtype=torch.bfloat16, device=dev)
+        torch.ops.adallm.fp8_kv_write(new, new * 2, kc, vc, ks, vs, torch.arange(length, device=dev) + 5)
+        q = torch.randn(b, hkv * group, d, dtype=torch.bfloat16, device=dev)
+        sl = torch.tensor(seqlens, dtype=torch.int32, device=dev)
+        st = torch.zeros_like(sl)
+        out = torch.ops.adallm.fp8_decode_attention(q, kc, vc, ks, vs, sl, st, d ** -0.5, window, 0.0)
+        ref = torch.ops.adallm.fp8_decode_attention(q.cpu(), kc.cpu(), vc.cpu(), ks.cpu(), vs.cpu(), sl.cpu(),
+                                                    st.cpu(), d ** -0.5, window, 0.0)
+        close(out, ref)
+    torch.cuda.synchronize()
+    print("sanitize_ops: all CUDA ops ran and matched the CPU reference")
+
+
+if __name__ == "__main__":
+    main()
