@@ -297,7 +297,7 @@ def _fill_experts(mod: nn.Module, path: str, src: Source, dtype: torch.dtype) ->
         w, s, g, err = fuse(gate_up)
         worst = max(worst, err)
         out["gate_up_weight"][e], out["gate_up_weight_scale"][e], out["gate_up_weight_global_scale"][e] = w, s, g
-        q = down[0].q
+        q = down.q
         out["down_weight"][e], out["down_weight_scale"][e], out["down_weight_global_scale"][e] = \
             q.weight, q.weight_scale, q.weight_global_scale
     if worst > 0:
@@ -526,6 +526,7 @@ def save_pretrained(model: nn.Module, save_directory: str, tokenizer=None, max_s
     write_sharded(tensors, save_directory, max_shard_size)
     cfg = copy.deepcopy(model.config)
     cfg.quantization_config = {"quant_method": modelopt.NAME, **hf_quant}
+    cfg.architectures = cfg.architectures or [type(model).__name__]
     cfg.save_pretrained(save_directory)
     with open(os.path.join(save_directory, "hf_quant_config.json"), "w") as f:
         json.dump(hf_quant, f, indent=2)
