@@ -269,9 +269,7 @@ def _fill_linear(mod: NVFP4Linear, path: str, src: Source, extras: dict[str, tor
     prefixes = [f"{parent}.{p}" for p in mod.parts] if mod.parts else [path]
     sizes = list(mod.part_sizes) if mod.parts else [mod.out_features]
     parts = src.group(prefixes, sizes, mod.in_features)
-    for p, part in zip(prefixes, parts):
-        if part.input_scale is not None:
-            extras[f"{p}.{src.fmt.INPUT if src.fmt else 'input_scale'}"] = part.input_scale
+    _keep_input_scales(prefixes, parts, extras)
     weight, scale, g, worst = fuse(parts)
     if worst > 0:
         return SeparateParts(mod, parts)
@@ -284,7 +282,14 @@ def _fill_linear(mod: NVFP4Linear, path: str, src: Source, extras: dict[str, tor
     return mod
 
 
-def _fill_experts(mod: nn.Module, path: str, src: Source, dtype: torch.dtype) -> None:
+def _keep_input_scales(prefixes: list[str], parts: list[Part], extras: dict[str, torch.Tensor]) -> None:
+    """Activation scales, under their ModelOpt names (save_pretrained writes them back)."""
+    for p, part in zip(prefixes, parts):
+        if part.input_scale is not None:
+            extras[modelopt.tensor_names(p)["input"]] = part.input_scale
+
+
+def _fill_experts(mod: nn.Module, path: str, src: Source, extras: dict[str, torch.Tensor]) -> None:
     """Per-expert tensors {path}.{e}.{gate,up,down}_proj -> the fused expert buffers."""
     e_count, two_i, half_h = mod.gate_up_weight.shape
     inter, hidden = two_i // 2, half_h * 2
@@ -292,8 +297,10 @@ def _fill_experts(mod: nn.Module, path: str, src: Source, dtype: torch.dtype) ->
            if k.startswith(("gate_up_", "down_"))}
     worst = 0.0
     for e in range(e_count):
-        gate_up = src.group([f"{path}.{e}.gate_proj", f"{path}.{e}.up_proj"], [inter, inter], hidden)
-        (down,) = src.group([f"{path}.{e}.down_proj"], [hidden], inter)
+        names = [f"{path}.{e}.{p}_proj" for p in ("gate", "up", "down")]
+        gate_up = src.group(names[:2], [inter, inter], hidden)
+        (down,) = src.group(names[2:], [hidden], inter)
+        _keep_input_scales(names, [*gate_up, down], extras)
         w, s, g, err = fuse(gate_up)
         worst = max(worst, err)
         out["gate_up_weight"][e], out["gate_up_weight_scale"][e], out["gate_up_weight_global_scale"][e] = w, s, g
@@ -380,7 +387,7 @@ def from_pretrained(name_or_path: str, device: str | torch.device | None = None,
     what = f"loading {spec.format} {spec.quant_algo}" if spec else "quantizing to NVFP4"
     for path_, mod in tqdm(targets, desc=f"adallm: {what}", unit="module", disable=not progress):
         if _is_experts(mod):
-            _fill_experts(mod, path_, src, dtype)
+            _fill_experts(mod, path_, src, extras)
             continue
         new = _fill_linear(mod, path_, src, extras)
         if new is not mod:

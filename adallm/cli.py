@@ -30,6 +30,16 @@ def _tokenizer(path: str, required: bool = True):
         return None
 
 
+def prompt_inputs(tok, prompt: str, system: str | None = None, chat: bool = True):
+    """Tokenized prompt: through the tokenizer's chat template (user turn, generation prompt) when it has
+    one and chat is True, else the raw text."""
+    if chat and tok.chat_template:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return tok(text, return_tensors="pt", add_special_tokens=False)
+    return tok(prompt, return_tensors="pt")
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
@@ -39,12 +49,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     tok = _tokenizer(resolve(a.model))
     model = from_pretrained(a.model, device=a.device, progress=not a.quiet)
     device = next(model.parameters()).device
-    if tok.chat_template and not a.no_chat_template:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        inputs = tok(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        inputs = tok(a.prompt, return_tensors="pt")
+    inputs = prompt_inputs(tok, a.prompt, a.system, chat=not a.no_chat_template)
     sample = a.temperature > 0
     kw = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k) if sample else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
