@@ -3,5 +3,7 @@ import adallm_ops  # noqa: F401  (defines torch.ops.adallm.* and loads the CUDA 
 
 from . import nvfp4
 from .linear import NVFP4Linear
+from .checkpoint import from_pretrained, save_pretrained
+from . import hf_quantizer  # noqa: F401,E402  (registers quant_method "modelopt" with transformers)
 
-__all__ = ["nvfp4", "NVFP4Linear"]
+__all__ = ["nvfp4", "NVFP4Linear", "from_pretrained", "save_pretrained"]

@@ -368,7 +368,6 @@ def from_pretrained(name_or_path: str, device: str | torch.device | None = None,
     Checkpoint activation scales (input_scale) and KV scales (k_scale / v_scale) are kept in
     `model.adallm_extra_tensors` so save_pretrained writes them back.
     """
-    from tqdm.auto import tqdm
     from .patching import patch
 
     device = _default_device(device)
@@ -382,30 +381,37 @@ def from_pretrained(name_or_path: str, device: str | torch.device | None = None,
     model = _skeleton(config, dtype)
     patch(model, quantize_lm_head=quantize_lm_head, method=method, quantize=False)
 
-    extras: dict[str, torch.Tensor] = {}
-    targets = [(p, m) for p, m in model.named_modules() if isinstance(m, NVFP4Linear) or _is_experts(m)]
-    what = f"loading {spec.format} {spec.quant_algo}" if spec else "quantizing to NVFP4"
-    for path_, mod in tqdm(targets, desc=f"adallm: {what}", unit="module", disable=not progress):
-        if _is_experts(mod):
-            _fill_experts(mod, path_, src, extras)
-            continue
-        new = _fill_linear(mod, path_, src, extras)
-        if new is not mod:
-            parent, child = path_.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, new)
-    quantized = [p for p, _ in targets]
+    quantized = fill_nvfp4_modules(model, src, progress)
     _fill_rest(model, src, quantized)
-    for name in reader.keys():
-        if name.endswith((".k_scale", ".v_scale")):
-            extras[name] = reader.get(name).float().reshape(())
     leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"adallm: {path}: {len(leftover)} tensors of the model were not found in the "
                               f"checkpoint, e.g. {leftover[:3]}")
     model.to(device)
-    model.adallm_extra_tensors = extras
     model.config.name_or_path = name_or_path
     return model
+
+
+def fill_nvfp4_modules(model: nn.Module, src: Source, progress: bool = True) -> list[str]:
+    """Fills every NVFP4 module of a patched model from `src`, layer by layer; records activation and KV
+    scales in model.adallm_extra_tensors. Returns the module paths filled."""
+    from tqdm.auto import tqdm
+    extras: dict[str, torch.Tensor] = {}
+    targets = [(p, m) for p, m in model.named_modules() if isinstance(m, NVFP4Linear) or _is_experts(m)]
+    what = f"loading {src.spec.format} {src.spec.quant_algo}" if src.spec else "quantizing to NVFP4"
+    for path, mod in tqdm(targets, desc=f"adallm: {what}", unit="module", disable=not progress):
+        if _is_experts(mod):
+            _fill_experts(mod, path, src, extras)
+            continue
+        new = _fill_linear(mod, path, src, extras)
+        if new is not mod:
+            parent, child = path.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, new)
+    for name in src.reader.keys():
+        if name.endswith((".k_scale", ".v_scale")):
+            extras[name] = src.reader.get(name).float().reshape(())
+    model.adallm_extra_tensors = extras
+    return [p for p, _ in targets]
 
 
 def _fill_rest(model: nn.Module, src: Source, quantized: list[str]) -> None:
