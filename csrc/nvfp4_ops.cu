@@ -1,0 +1,239 @@
+// CUDA impls of adallm::nvfp4_quantize, adallm::nvfp4_linear and adallm::nvfp4_moe_linear: argument
+// checks (the same as adallm_ops/ops.py, raised as ValueError), dtype dispatch and kernel choice. The
+// kernels themselves (raw pointers, no torch) are in nvfp4_gemv.cuh and nvfp4_quant.cuh.
+//
+// nvfp4_linear picks its kernel by M = rows of x (flattened):
+//   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh)
+//   otherwise                                       -> dequantize W to x.dtype [N, K], then cuBLAS (F.linear)
+// Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "nvfp4_gemv.cuh"
+#include "nvfp4_quant.cuh"
+
+namespace adallm {
+namespace {
+
+constexpr int64_t kBlock = 16;  // NVFP4 elements per E4M3 block scale
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+void check_cuda_error(cudaError_t err, const char* what) {
+    TORCH_CHECK(err == cudaSuccess, "adallm: ", what, " failed to launch: ", cudaGetErrorString(err));
+}
+
+// Same checks and messages as ops.check_nvfp4_weight. Returns (N, K).
+std::pair<int64_t, int64_t> check_nvfp4_weight(const at::Tensor& weight, const at::Tensor& weight_scale,
+                                               const at::Tensor& global_scale, bool experts) {
+    const int64_t lead = experts ? 1 : 0;
+    TORCH_CHECK_VALUE(weight.scalar_type() == at::kByte, "adallm: weight must be uint8 (packed FP4), got ",
+                      weight.scalar_type());
+    TORCH_CHECK_VALUE(weight_scale.scalar_type() == at::kFloat8_e4m3fn,
+                      "adallm: weight_scale must be float8_e4m3fn, got ", weight_scale.scalar_type());
+    TORCH_CHECK_VALUE(global_scale.scalar_type() == at::kFloat, "adallm: weight_global_scale must be float32, got ",
+                      global_scale.scalar_type());
+    TORCH_CHECK_VALUE(weight.dim() == 2 + lead, "adallm: weight must be ", 2 + lead, "-D, got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(weight.is_contiguous() && weight_scale.is_contiguous(),
+                      "adallm: weight and weight_scale must be contiguous");
+    const int64_t n = weight.size(lead), k = weight.size(lead + 1) * 2;
+    TORCH_CHECK_VALUE(k % kBlock == 0, "adallm: K = ", k, " must be a multiple of ", kBlock);
+    std::vector<int64_t> want(weight.sizes().begin(), weight.sizes().begin() + lead);
+    const std::vector<int64_t> want_global = want;
+    want.push_back(n);
+    want.push_back(k / kBlock);
+    TORCH_CHECK_VALUE(weight_scale.sizes() == at::IntArrayRef(want), "adallm: weight_scale shape ",
+                      weight_scale.sizes(), " does not match weight ", weight.sizes(), " (expected ",
+                      at::IntArrayRef(want), ")");
+    TORCH_CHECK_VALUE(global_scale.sizes() == at::IntArrayRef(want_global),
+                      "adallm: weight_global_scale must have shape ", at::IntArrayRef(want_global), ", got ",
+                      global_scale.sizes());
+    TORCH_CHECK_VALUE(weight.device() == weight_scale.device() && weight.device() == global_scale.device(),
+                      "adallm: weight, weight_scale and weight_global_scale must be on one device");
+    return {n, k};
+}
+
+void check_activation(const at::Tensor& x, int64_t k, const at::Tensor& weight) {
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                      "adallm: x must be bfloat16 or float16, got ", x.scalar_type());
+    TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "adallm: x has K = ", x.dim() ? x.size(-1) : 0,
+                      " but the weight has K = ", k);
+    TORCH_CHECK_VALUE(x.device() == weight.device(), "adallm: x is on ", x.device(), " but the weight is on ",
+                      weight.device());
+}
+
+// A tensor whose data pointer is 16-byte aligned and contiguous (copies only when needed).
+at::Tensor contiguous16(const at::Tensor& t) {
+    at::Tensor c = t.contiguous();
+    return aligned16(c) ? c : c.clone();
+}
+
+template <typename T>
+void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+              const at::Tensor& global_scale, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+              const at::Tensor* expert_ids, int pairs, int x_pair_div, int64_t m, int64_t n, int64_t k) {
+    Nvfp4GemvArgs a{};
+    a.x = x.data_ptr();
+    a.w = weight.data_ptr<uint8_t>();
+    a.ws = static_cast<const uint8_t*>(weight_scale.data_ptr());
+    a.gs = global_scale.data_ptr<float>();
+    a.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+    a.y = y.data_ptr();
+    a.expert_ids = expert_ids != nullptr ? expert_ids->data_ptr() : nullptr;
+    a.ids_int64 = expert_ids != nullptr && expert_ids->scalar_type() == at::kLong;
+    a.num_experts = weight.dim() == 3 ? static_cast<int>(weight.size(0)) : 1;
+    a.x_pair_div = x_pair_div;
+    a.M = static_cast<int>(m);
+    a.N = static_cast<int>(n);
+    a.K = static_cast<int>(k);
+    check_cuda_error(launch_nvfp4_gemv<T>(a, pairs, c10::cuda::getCurrentCUDAStream()), "nvfp4_gemv");
+}
+
+// Dequantizes one [N, K] NVFP4 weight to dtype (for cuBLAS).
+at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& global_scale,
+                      int64_t n, int64_t k, at::ScalarType dtype) {
+    at::Tensor out = at::empty({n, k}, weight.options().dtype(dtype));
+    const auto* w = weight.data_ptr<uint8_t>();
+    const auto* ws = static_cast<const uint8_t*>(weight_scale.data_ptr());
+    const float* gs = global_scale.data_ptr<float>();
+    const int64_t blocks = n * k / kBlock;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const cudaError_t err =
+        dtype == at::kHalf
+            ? launch_nvfp4_dequantize<__half>(w, ws, gs, reinterpret_cast<__half*>(out.data_ptr()), blocks, stream)
+            : launch_nvfp4_dequantize<__nv_bfloat16>(w, ws, gs, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                                                     blocks, stream);
+    check_cuda_error(err, "nvfp4_dequantize");
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                             const at::Tensor& weight_global_scale, const c10::optional<at::Tensor>& bias) {
+    const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, false);
+    check_activation(x, k, weight);
+    if (bias.has_value())
+        TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type(),
+                          "adallm: bias must be ", x.scalar_type(), " [", n, "]");
+    TORCH_CHECK_VALUE(!bias.has_value() || bias->device() == x.device(), "adallm: bias is on ", bias->device(),
+                      " but x is on ", x.device());
+    const c10::cuda::CUDAGuard guard(x.device());
+    const at::Tensor x2 = contiguous16(x.reshape({-1, k}));
+    const int64_t m = x2.size(0);
+    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+    out_shape.push_back(n);
+    if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
+
+    const bool gemv = m <= kGemvMaxM && k % 32 == 0 && aligned16(weight);
+    if (!gemv) {
+        // Prefill (and awkward K): dequantize to x.dtype and let cuBLAS do the GEMM.
+        const at::Tensor w = dequantize(weight, weight_scale, weight_global_scale, n, k, x.scalar_type());
+        const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+        return at::linear(x2, w, b).reshape(out_shape);
+    }
+    at::Tensor y = at::empty({m, n}, x.options());
+    c10::optional<at::Tensor> b;
+    if (bias.has_value()) b = bias->contiguous();
+    if (x.scalar_type() == at::kHalf)
+        run_gemv<__half>(x2, weight, weight_scale, weight_global_scale, b, y, nullptr, 1, 1, m, n, k);
+    else
+        run_gemv<__nv_bfloat16>(x2, weight, weight_scale, weight_global_scale, b, y, nullptr, 1, 1, m, n, k);
+    return y.reshape(out_shape);
+}
+
+at::Tensor nvfp4_moe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                                 const at::Tensor& weight_global_scale, const at::Tensor& expert_ids) {
+    const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, true);
+    check_activation(x, k, weight);
+    TORCH_CHECK_VALUE((expert_ids.scalar_type() == at::kInt || expert_ids.scalar_type() == at::kLong) &&
+                          expert_ids.dim() == 2,
+                      "adallm: expert_ids must be int32/int64 [T, topk], got ", expert_ids.scalar_type(), " ",
+                      expert_ids.sizes());
+    const int64_t t = expert_ids.size(0), topk = expert_ids.size(1);
+    const bool shared_x = x.dim() == 2 && x.size(0) == t;
+    TORCH_CHECK_VALUE(shared_x || (x.dim() == 3 && x.size(0) == t && x.size(1) == topk), "adallm: x must be [", t,
+                      ", ", k, "] or [", t, ", ", topk, ", ", k, "] to match expert_ids, got ", x.sizes());
+    TORCH_CHECK_VALUE(expert_ids.device() == weight.device(), "adallm: expert_ids is on ", expert_ids.device(),
+                      " but the weight is on ", weight.device());
+    const c10::cuda::CUDAGuard guard(x.device());
+    at::Tensor y = at::empty({t, topk, n}, x.options());
+    const int64_t pairs = t * topk;
+    if (pairs == 0 || n == 0) return y;
+    TORCH_CHECK(pairs <= std::numeric_limits<int>::max(), "adallm: too many (token, expert) pairs: ", pairs);
+    const at::Tensor ids = expert_ids.contiguous();
+    if (k % 32 != 0 || !aligned16(weight)) {
+        // Awkward K: dequantize each routed expert (correct, slow; real models have K % 32 == 0).
+        // Host-side loop over the experts: this path syncs and is not CUDA-graph safe.
+        const at::Tensor xs = (shared_x ? x.unsqueeze(1).expand({t, topk, k}) : x).reshape({pairs, k});
+        const at::Tensor flat = ids.reshape({pairs}).to(at::kLong);
+        at::Tensor yf = y.view({pairs, n});
+        const at::Tensor uniq = std::get<0>(at::_unique(flat.cpu()));
+        for (int64_t i = 0; i < uniq.numel(); ++i) {
+            const int64_t e = uniq[i].item<int64_t>();
+            TORCH_CHECK_VALUE(e >= 0 && e < weight.size(0), "adallm: expert_ids must lie in [0, ", weight.size(0),
+                              ")");
+            const at::Tensor sel = (flat == e).nonzero().squeeze(1);
+            const at::Tensor w = dequantize(weight[e], weight_scale[e], weight_global_scale[e], n, k, x.scalar_type());
+            yf.index_copy_(0, sel, at::matmul(xs.index_select(0, sel), w.t()));
+        }
+        return y;
+    }
+    const at::Tensor x2 = contiguous16(x);
+    if (x.scalar_type() == at::kHalf)
+        run_gemv<__half>(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, &ids,
+                         static_cast<int>(pairs), shared_x ? static_cast<int>(topk) : 1, 1, n, k);
+    else
+        run_gemv<__nv_bfloat16>(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, &ids,
+                                static_cast<int>(pairs), shared_x ? static_cast<int>(topk) : 1, 1, n, k);
+    return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> nvfp4_quantize_cuda(const at::Tensor& x, const at::Tensor& global_scale) {
+    // Same checks and messages as ops.check_quantize_args.
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+                          x.scalar_type() == at::kFloat,
+                      "adallm: x must be bfloat16, float16 or float32, got ", x.scalar_type());
+    TORCH_CHECK_VALUE(x.dim() == 2, "adallm: x must be 2-D [N, K], got shape ", x.sizes());
+    TORCH_CHECK_VALUE(x.size(1) % kBlock == 0, "adallm: K = ", x.size(1), " must be a multiple of ", kBlock);
+    TORCH_CHECK_VALUE(global_scale.scalar_type() == at::kFloat && global_scale.dim() == 0,
+                      "adallm: global_scale must be a float32 scalar tensor, got ", global_scale.scalar_type(), " ",
+                      global_scale.sizes());
+    TORCH_CHECK_VALUE(x.device() == global_scale.device(), "adallm: x and global_scale must be on one device");
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int64_t n = x.size(0), k = x.size(1);
+    const at::Tensor xc = contiguous16(x);
+    at::Tensor w = at::empty({n, k / 2}, x.options().dtype(at::kByte));
+    at::Tensor ws = at::empty({n, k / kBlock}, x.options().dtype(at::kFloat8_e4m3fn));
+    const float* gs = global_scale.data_ptr<float>();
+    auto* wp = w.data_ptr<uint8_t>();
+    auto* sp = static_cast<uint8_t*>(ws.data_ptr());
+    const int64_t blocks = n * k / kBlock;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    cudaError_t err;
+    switch (x.scalar_type()) {
+        case at::kFloat: err = launch_nvfp4_quantize<float>(xc.data_ptr<float>(), gs, wp, sp, blocks, stream); break;
+        case at::kHalf:
+            err = launch_nvfp4_quantize<__half>(reinterpret_cast<const __half*>(xc.data_ptr()), gs, wp, sp, blocks,
+                                                stream);
+            break;
+        default:
+            err = launch_nvfp4_quantize<__nv_bfloat16>(reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), gs, wp,
+                                                       sp, blocks, stream);
+    }
+    check_cuda_error(err, "nvfp4_quantize");
+    return {w, ws};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adallm, CUDA, m) {
+    m.impl("nvfp4_linear", &nvfp4_linear_cuda);
+    m.impl("nvfp4_moe_linear", &nvfp4_moe_linear_cuda);
+    m.impl("nvfp4_quantize", &nvfp4_quantize_cuda);
+}
+
+}  // namespace adallm

@@ -1,0 +1,219 @@
+"""CUDA NVFP4 kernels (csrc/nvfp4_*) against independent references.
+
+- nvfp4_quantize: bit-exact with the CPU reference (codes and scales), random and edge-case inputs.
+- nvfp4_linear / nvfp4_moe_linear: float64 recomputation from the definition (dequantize -> matmul) on
+  random packed weights (every code, all E4M3 scales incl. subnormals); tolerance by STYLE.md's rule:
+  max error <= 2 x the max error of plain torch in x.dtype (F.linear on the weight rounded to x.dtype)
+  vs the same float64 reference, plus a floor. Outputs come from poisoned memory (NaN-filled blocks of
+  the caching allocator), so an unwritten element fails.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adallm_ops  # noqa: F401  (registers the ops and loads the CUDA kernels)
+from adallm_ops.reference import dequantize_nvfp4
+
+pytestmark = pytest.mark.cuda
+DEV = "cuda"
+
+# (N, K) of real layers: Qwen3-8B q/o, k/v, fused qkv, gate, fused gate_up, down; Gemma3-27B fused qkv,
+# o, down; Qwen3-30B-A3B expert gate_up and down (dense here, routed below).
+REAL_SHAPES = [(4096, 4096), (1024, 4096), (6144, 4096), (12288, 4096), (24576, 4096), (4096, 12288),
+               (8192, 5376), (5376, 4096), (5376, 21504), (1536, 2048), (2048, 768)]
+# Awkward: N not a multiple of 16, K not a multiple of 32 (the dequantize + cuBLAS path), tiny K.
+AWKWARD_SHAPES = [(40, 48), (17, 96), (3, 32), (100, 160), (33, 4112), (24, 16)]
+MS = [1, 2, 3, 7, 16, 17, 64, 512]
+
+
+def random_nvfp4(n, k, experts=None):
+    """Random packed NVFP4 weight: all 16 nibbles, every positive finite E4M3 scale (subnormals included)."""
+    lead = () if experts is None else (experts,)
+    weight = torch.randint(0, 256, (*lead, n, k // 2), dtype=torch.uint8, device=DEV)
+    codes = torch.randint(1, 0x7F, (*lead, n, k // 16), dtype=torch.uint8, device=DEV)  # 0x7F is NaN
+    # Mostly ordinary scales (codes 0x30..0x5F: 0.5 .. 24), some from the whole range.
+    codes = torch.where(torch.rand(codes.shape, device=DEV) < 0.9, codes % 0x30 + 0x30, codes)
+    scale = codes.view(torch.float8_e4m3fn)
+    g = torch.rand(lead, device=DEV) * 0.02 + 0.001
+    return weight, scale, g
+
+
+def poison(numel, dtype):
+    """Leaves NaN-filled blocks of the output's size in the caching allocator: the op's output starts as NaN."""
+    blocks = [torch.full((numel,), float("nan"), device=DEV, dtype=dtype) for _ in range(4)]
+    del blocks
+
+
+def check_close(out, ref64, plain):
+    """STYLE.md rule: max |out - ref| <= 2 * max |plain - ref| + floor."""
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    err = (out.double() - ref64).abs().max().item()
+    plain_err = (plain.double() - ref64).abs().max().item()
+    floor = 1e-5 * ref64.abs().max().item() + 1e-6
+    assert err <= 2 * plain_err + floor, f"error {err:.3e} vs plain torch {plain_err:.3e} (floor {floor:.1e})"
+
+
+def linear_case(n, k, m, dtype, with_bias):
+    w, s, g = random_nvfp4(n, k)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype) if with_bias else None
+    poison(m * n, dtype)
+    out = torch.ops.adallm.nvfp4_linear(x, w, s, g, bias)
+    assert out.shape == (m, n) and out.dtype == dtype
+    wd = dequantize_nvfp4(w, s, g).double()
+    ref64 = x.double() @ wd.t() + (bias.double() if with_bias else 0)
+    plain = F.linear(x, wd.to(dtype), bias)
+    check_close(out, ref64, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", REAL_SHAPES)
+def test_linear_real_shapes(n, k, m, dtype):
+    linear_case(n, k, m, dtype, with_bias=(m % 2 == 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", AWKWARD_SHAPES)
+def test_linear_awkward_shapes(n, k, m, dtype):
+    linear_case(n, k, m, dtype, with_bias=True)
+
+
+def test_linear_leading_dims_and_noncontiguous_x():
+    w, s, g = random_nvfp4(64, 256)
+    x = torch.randn(2, 3, 512, device=DEV, dtype=torch.bfloat16)[..., ::2]  # [2, 3, 256], strided
+    out = torch.ops.adallm.nvfp4_linear(x, w, s, g, None)
+    assert out.shape == (2, 3, 64)
+    ref = torch.ops.adallm.nvfp4_linear(x.cpu(), w.cpu(), s.cpu(), g.cpu(), None)
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_linear_cuda_graph(m):
+    """No host sync: the op captures into a CUDA graph and replays with new inputs and a new global scale."""
+    w, s, g = random_nvfp4(256, 512)
+    x = torch.randn(m, 512, device=DEV, dtype=torch.bfloat16)
+    torch.ops.adallm.nvfp4_linear(x, w, s, g, None)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.adallm.nvfp4_linear(x, w, s, g, None)
+    x.copy_(torch.randn_like(x))
+    g.mul_(3)
+    graph.replay()
+    torch.testing.assert_close(out, torch.ops.adallm.nvfp4_linear(x, w, s, g, None), rtol=0, atol=0)
+
+
+def test_linear_gemv_matches_gemm_path():
+    """M = 16 (GEMV) and M = 17 (dequantize + cuBLAS): row 0 agrees to rounding."""
+    w, s, g = random_nvfp4(384, 1024)
+    x = torch.randn(17, 1024, device=DEV, dtype=torch.bfloat16)
+    a = torch.ops.adallm.nvfp4_linear(x[:16], w, s, g, None)
+    b = torch.ops.adallm.nvfp4_linear(x, w, s, g, None)[:16]
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routed experts.
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared_x", [True, False])
+@pytest.mark.parametrize("t,topk", [(1, 8), (3, 2), (16, 4)])
+@pytest.mark.parametrize("n,k", [(1536, 2048), (2048, 768), (40, 48)])
+def test_moe_linear(n, k, t, topk, shared_x, dtype):
+    e = 8
+    w, s, g = random_nvfp4(n, k, experts=e)
+    ids = torch.randint(0, e, (t, topk), device=DEV, dtype=torch.int32 if t % 2 else torch.int64)
+    x = torch.randn((t, k) if shared_x else (t, topk, k), device=DEV).to(dtype)
+    poison(t * topk * n, dtype)
+    out = torch.ops.adallm.nvfp4_moe_linear(x, w, s, g, ids)
+    assert out.shape == (t, topk, n)
+    xs = (x.unsqueeze(1).expand(t, topk, k) if shared_x else x)
+    wd = dequantize_nvfp4(w, s, g)  # [E, N, K] fp32
+    wsel = wd[ids.long()]  # [T, topk, N, K]
+    ref64 = torch.einsum("tjk,tjnk->tjn", xs.double(), wsel.double())
+    plain = torch.einsum("tjk,tjnk->tjn", xs.float(), wsel.to(dtype).float()).to(dtype)
+    check_close(out, ref64, plain)
+
+
+def test_moe_bad_expert_id_gives_nan():
+    w, s, g = random_nvfp4(64, 128, experts=4)
+    ids = torch.tensor([[0, 7], [3, -1]], device=DEV)
+    out = torch.ops.adallm.nvfp4_moe_linear(torch.randn(2, 128, device=DEV, dtype=torch.bfloat16), w, s, g, ids)
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[1, 0]).all()
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(out[1, 1]).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantize: bit-exact with the CPU reference.
+
+def quantize_both(x, g):
+    qw, qs = torch.ops.adallm.nvfp4_quantize(x, g)
+    rw, rs = torch.ops.adallm.nvfp4_quantize(x.cpu(), g.cpu())
+    assert torch.equal(qw.cpu(), rw), "packed codes differ"
+    assert torch.equal(qs.cpu().view(torch.uint8), rs.view(torch.uint8)), "scales differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(64, 4096), (7, 48), (1, 16), (300, 2064)])
+def test_quantize_bit_exact_random(n, k, dtype):
+    x = (torch.randn(n, k, device=DEV) * torch.rand(n, 1, device=DEV).pow(4) * 10).to(dtype)
+    g = (x.float().abs().amax() / (6 * 448)).reshape(())
+    quantize_both(x, g)
+    quantize_both(x, g * 0.37)  # saturating scales and codes
+
+
+def test_quantize_bit_exact_edge_cases():
+    g = torch.tensor(1.0 / 448, device=DEV)
+    grid = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6], device=DEV)
+    mids = (grid[1:] + grid[:-1]) / 2  # exactly the rounding ties
+    rows = [
+        torch.zeros(32, device=DEV),                                   # all-zero blocks -> scale 1
+        torch.cat([mids, -mids, torch.tensor([6.0], device=DEV).expand(2)]).repeat(2)[:32],  # ties
+        torch.full((32,), 1e-30, device=DEV),                          # scale underflows E4M3 -> 1
+        torch.linspace(-1e-3, 1e-3, 32, device=DEV),                   # subnormal E4M3 scales
+        torch.linspace(-3000, 3000, 32, device=DEV),                   # saturating scale (448)
+        torch.tensor([-0.0] * 16 + [0.1] * 16, device=DEV),            # negative zero
+    ]
+    quantize_both(torch.stack(rows), g)
+
+
+# ---------------------------------------------------------------------------------------------------
+# opcheck on both linear paths and the routed experts; argument errors.
+
+def test_opcheck_cuda_paths():
+    w, s, g = random_nvfp4(48, 64)
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for m in (3, 40):  # GEMV, dequantize + cuBLAS
+        x = torch.randn(m, 64, device=DEV, dtype=torch.float16)
+        torch.library.opcheck(torch.ops.adallm.nvfp4_linear.default, (x, w, s, g, None), test_utils=utils)
+    ew, es, eg = random_nvfp4(48, 64, experts=3)
+    ids = torch.tensor([[0, 2], [1, 1]], device=DEV)
+    torch.library.opcheck(torch.ops.adallm.nvfp4_moe_linear.default,
+                          (torch.randn(2, 64, device=DEV, dtype=torch.bfloat16), ew, es, eg, ids), test_utils=utils)
+
+
+def test_errors():
+    w, s, g = random_nvfp4(32, 64)
+    x = torch.randn(2, 64, device=DEV, dtype=torch.bfloat16)
+    lin = torch.ops.adallm.nvfp4_linear
+    with pytest.raises(ValueError, match="x must be bfloat16 or float16"):
+        lin(x.float(), w, s, g, None)
+    with pytest.raises(ValueError, match="must be a multiple of 16"):
+        lin(torch.randn(2, 40, device=DEV, dtype=torch.bfloat16), w[:, :20].contiguous(), s[:, :2].contiguous(), g,
+            None)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        lin(x, torch.randint(0, 255, (64, 32), dtype=torch.uint8, device=DEV).t(), s, g, None)
+    with pytest.raises(ValueError, match="x has K = 48"):
+        lin(x[:, :48], w, s, g, None)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        lin(x.cpu(), w, s, g, None)
+    with pytest.raises(ValueError, match="weight_scale must be float8_e4m3fn"):
+        lin(x, w, s.float(), g, None)
+    with pytest.raises(ValueError, match="bias must be"):
+        lin(x, w, s, g, torch.zeros(31, device=DEV, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="K = 40 must be a multiple of 16"):
+        torch.ops.adallm.nvfp4_quantize(torch.randn(4, 40, device=DEV), g)
+    ew, es, eg = random_nvfp4(32, 64, experts=2)
+    with pytest.raises(ValueError, match="expert_ids must be int32/int64"):
+        torch.ops.adallm.nvfp4_moe_linear(x, ew, es, eg, torch.zeros(2, 2, device=DEV))
