@@ -27,7 +27,7 @@ E2M1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, 
 # projections AdaLLM runs in NVFP4 (module names in the transformers 5 namespace)
 QUANTIZED = re.compile(r"^(?!.*vision_tower)(.*\.)?layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)$")
 TEXT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16)
+            head_dim=64)  # the decode op's smallest head_dim
 
 
 def tiny_config(family: str):

@@ -116,8 +116,8 @@ def test_saved_layout_is_modelopt(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
     p = "model.layers.0.self_attn.k_proj"
-    assert (t[f"{p}.weight"].dtype, tuple(t[f"{p}.weight"].shape)) == (torch.uint8, (32, 32))
-    assert (t[f"{p}.weight_scale"].dtype, tuple(t[f"{p}.weight_scale"].shape)) == (torch.float8_e4m3fn, (32, 4))
+    assert (t[f"{p}.weight"].dtype, tuple(t[f"{p}.weight"].shape)) == (torch.uint8, (128, 32))
+    assert (t[f"{p}.weight_scale"].dtype, tuple(t[f"{p}.weight_scale"].shape)) == (torch.float8_e4m3fn, (128, 4))
     assert (t[f"{p}.weight_scale_2"].dtype, t[f"{p}.weight_scale_2"].dim()) == (torch.float32, 0)
     assert t[f"{p}.input_scale"].item() == pytest.approx(0.01)
     assert t[f"{p}.k_scale"].item() == 0.5 and t["model.layers.0.self_attn.v_proj.v_scale"].item() == 0.25
@@ -175,7 +175,7 @@ def test_info_reports(tmp_path):
     r = info(str(tmp_path))
     assert (r["format"], r["quant_algo"], r["model_type"], r["layers"], r["files"]) == \
         ("compressed-tensors", "NVFP4", "gemma3", 2, 2)
-    assert r["nvfp4_projections"] == 14 and r["nvfp4_params"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 3)
+    assert r["nvfp4_projections"] == 14 and r["nvfp4_params"] == 2 * (256 * 64 * 2 + 128 * 64 * 2 + 96 * 64 * 3)
     assert "re:vision_tower.*" in r["excluded_by_config"]
     assert "language_model.model.embed_tokens" in r["unquantized_matrices"]
     assert r["bytes_nvfp4_as_bf16"] == 2 * r["nvfp4_params"]

@@ -1,0 +1,84 @@
+"""The `adallm` command: quantize, info, generate (tiny checkpoints, CPU)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckpt_spec as cs
+from adallm import cli
+from adallm.checkpoint import from_pretrained
+
+
+def tiny_tokenizer(chat: bool):
+    """A word-level tokenizer over the tiny models' 128-token vocabulary ("w0" ... "w123" + specials)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(124)} | {"<unk>": 124, "<user>": 125, "<assistant>": 126, "</s>": 127}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = ("{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}") if chat else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", chat_template=template)
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bf16")
+    cs.write_bf16(cs.hf_model("qwen3"), "qwen3", str(d))
+    tiny_tokenizer(chat=True).save_pretrained(str(d))
+    return d
+
+
+def test_quantize_then_info(bf16_ckpt, tmp_path, capsys):
+    out = tmp_path / "nvfp4"
+    cli.main(["quantize", str(bf16_ckpt), str(out), "--device", "cpu", "--max-shard-size", "50KB"])
+    assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+    ref = from_pretrained(str(bf16_ckpt), device="cpu", progress=False).state_dict()
+    got = from_pretrained(str(out), device="cpu", progress=False).state_dict()
+    assert all(torch.equal(ref[k].view(torch.uint8) if ref[k].dtype == torch.float8_e4m3fn else ref[k],
+                           got[k].view(torch.uint8) if got[k].dtype == torch.float8_e4m3fn else got[k]) for k in ref)
+    capsys.readouterr()
+    cli.main(["info", str(out)])
+    text = capsys.readouterr().out
+    assert "format         modelopt W4A16_NVFP4" in text
+    assert "Qwen3ForCausalLM (model_type qwen3, 2 layers)" in text
+    assert "nvfp4          14 projections, 0.000 B params" in text and "excluded       lm_head" in text
+    cli.main(["info", str(out), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["nvfp4_projections"] == 14 and r["files"] >= 2 and r["unquantized_matrices"] == ["lm_head",
+                                                                                               "model.embed_tokens"]
+
+
+def test_prompt_goes_through_chat_template():
+    ids = cli.prompt_inputs(tiny_tokenizer(chat=True), "w5 w6").input_ids[0].tolist()
+    assert ids == [125, 5, 6, 126]  # <user> w5 w6 <assistant>
+    assert cli.prompt_inputs(tiny_tokenizer(chat=True), "w5 w6", chat=False).input_ids[0].tolist() == [5, 6]
+    assert cli.prompt_inputs(tiny_tokenizer(chat=False), "w5 w6").input_ids[0].tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3"]])
+def test_generate_streams_tokens(bf16_ckpt, capsys, sampling):
+    cli.main(["generate", str(bf16_ckpt), "w1 w2 w3", "--max-new-tokens", "6", "--device", "cpu", "--quiet",
+              *sampling])
+    words = capsys.readouterr().out.split()
+    assert 1 <= len(words) <= 6 and all(w.startswith("w") for w in words)
+
+
+def test_help_documents_every_flag():
+    import argparse
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, flags in {"quantize": ["--device", "--method", "--quantize-lm-head", "--max-shard-size"],
+                        "generate": ["--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device",
+                                     "--system", "--no-chat-template", "--quiet"],
+                        "info": ["--json"]}.items():
+        documented = {o for a in sub[name]._actions if a.help for o in a.option_strings}
+        assert set(flags) <= documented, name
+    text = subprocess.run([sys.executable, "-m", "adallm", "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(c in text for c in ("quantize", "generate", "info", "bench"))
+
+
+def test_info_error_is_clear(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no config.json"):
+        cli.main(["info", str(tmp_path)])
