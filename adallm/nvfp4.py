@@ -21,7 +21,7 @@ import torch
 
 import adallm_ops  # noqa: F401  (defines torch.ops.adallm)
 from adallm_ops.ops import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK
-from adallm_ops.reference import dequantize_nvfp4, pack_fp4, unpack_fp4
+from adallm_ops.reference import dequantize_nvfp4, e2m1_round, pack_fp4, unpack_fp4
 
 __all__ = [
     "NVFP4Weight", "global_scale_for", "quantize", "quantize_group", "dequantize", "pack_fp4", "unpack_fp4",
@@ -61,25 +61,86 @@ def global_scale_for(*weights: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
 
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "mse")
+DEFAULT_METHOD = "rtn"
+
+# Block-scale candidates of the "mse" search: offsets, in E4M3 code steps, from the scale the recipe
+# picks. E4M3 codes 1..126 are the positive finite values in increasing order, one step being 1/8 to
+# 1/16 of the value (3 mantissa bits), so -3..+1 spans about 0.7x..1.1x of amax / (6 * global).
+# +1 is there because the recipe's rounding may round the scale down and clip the block's largest
+# element; going further down trades clipping of the largest element for a finer grid for the rest.
+_MSE_STEPS = (0, -1, -2, -3, 1)
+_E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN
+
+
+def _e2m1_value(y: torch.Tensor) -> torch.Tensor:
+    """fp32 y -> the E2M1 value e2m1_round picks for it (nearest, ties to the even code, saturating at ±6).
+
+    The grid's step is 0.5 below 2, 1 in [2, 4) and 2 from 4 on, and every multiple of the step there is a
+    grid point with an even code exactly when it is an even multiple, so round-half-even of y / step is the
+    same rounding (cheaper than codes + table lookup, which matters in the scale search's inner loop).
+    """
+    a = y.abs()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return torch.copysign(torch.round(a / step) * step, y).clamp(-E2M1_MAX, E2M1_MAX)
+
+
+def _mse_scales(blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-block E4M3 scale minimizing the block's squared reconstruction error.
+
+    blocks fp32 [N, K/16, 16], g fp32 [] -> float8_e4m3fn [N, K/16]. Tries the scales of _MSE_STEPS around
+    the recipe's; a tie keeps the earlier candidate, so the recipe's scale wins unless another is strictly
+    better. Codes for a scale are always the recipe's round-to-nearest-even, so the result is a standard
+    NVFP4 weight.
+    """
+    amax = blocks.abs().amax(dim=-1)
+    rtn = (amax / (E2M1_MAX * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    base = rtn.view(torch.uint8).to(torch.int16)
+    best_err = torch.full_like(amax, float("inf"))
+    best = base
+    for step in _MSE_STEPS:
+        code = (base + step).clamp(1, _E4M3_MAX_CODE)
+        s = (code.to(torch.uint8).view(torch.float8_e4m3fn).float() * g).unsqueeze(-1)
+        err = (_e2m1_value(blocks / s) * s - blocks).square().sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, code, best)
+    scale = best.to(torch.uint8).view(torch.float8_e4m3fn)
+    # All-zero blocks: any scale is exact; keep the recipe's 1 so they match "rtn" bit for bit.
+    return torch.where((amax == 0), torch.ones_like(amax), scale.float()).to(torch.float8_e4m3fn)
+
+
+def _quantize_mse(w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (uint8 [N, K/2], float8_e4m3fn [N, K/16]) with searched block scales."""
+    n, k = w.shape
+    blocks = w.float().reshape(n, k // NVFP4_BLOCK, NVFP4_BLOCK)
+    scale = _mse_scales(blocks, g)
+    codes = e2m1_round(blocks / (scale.float() * g).unsqueeze(-1)).reshape(n, k)
+    return pack_fp4(codes), scale
 
 
 def quantize(w: torch.Tensor, global_scale: torch.Tensor | None = None, name: str = "weight",
-             method: str = "rtn") -> NVFP4Weight:
-    """Quantizes w [N, K] (finite, K % 16 == 0) with the recipe above; runs on w's device.
+             method: str = DEFAULT_METHOD) -> NVFP4Weight:
+    """Quantizes w [N, K] (finite, K % 16 == 0) to NVFP4; runs on w's device (plain torch ops for "mse").
 
-    method: "rtn" (round-to-nearest, the ModelOpt recipe).
+    method: "rtn"  round-to-nearest, the ModelOpt recipe above (the adallm::nvfp4_quantize op);
+            "mse"  the same global scale and codes rule, but each block's E4M3 scale is the one among a
+                   few candidates around the recipe's that minimizes the block's squared error.
+    Both give a standard NVFP4 weight (same layout, same dequantization).
     """
     if method not in METHODS:
         raise ValueError(f"adallm: unknown NVFP4 quantizer {method!r}; choose one of {METHODS}")
     _check_weight(w, name)
     g = global_scale_for(w) if global_scale is None else global_scale.to(w.device, torch.float32)
-    packed, scale = torch.ops.adallm.nvfp4_quantize(w.detach().contiguous(), g)
+    if method == "rtn":
+        packed, scale = torch.ops.adallm.nvfp4_quantize(w.detach().contiguous(), g)
+    else:
+        packed, scale = _quantize_mse(w.detach(), g)
     return NVFP4Weight(packed, scale, g)
 
 
 def quantize_group(weights: list[torch.Tensor], names: list[str] | None = None,
-                   method: str = "rtn") -> list[NVFP4Weight]:
+                   method: str = DEFAULT_METHOD) -> list[NVFP4Weight]:
     """Quantizes a fused group (e.g. q/k/v) with one shared global scale."""
     names = names or [f"weight[{i}]" for i in range(len(weights))]
     for w, n in zip(weights, names):

