@@ -2,8 +2,10 @@
 import adallm_ops  # noqa: F401  (defines torch.ops.adallm.* and loads the CUDA kernels on a GPU machine)
 
 from . import nvfp4
+from .kv_cache import Fp8KVCache
 from .linear import NVFP4Linear
+from .patching import patch
 from .checkpoint import from_pretrained, save_pretrained
 from . import hf_quantizer  # noqa: F401,E402  (registers quant_method "modelopt" with transformers)
 
-__all__ = ["nvfp4", "NVFP4Linear", "from_pretrained", "save_pretrained"]
+__all__ = ["nvfp4", "NVFP4Linear", "Fp8KVCache", "patch", "from_pretrained", "save_pretrained"]

@@ -1,0 +1,84 @@
+"""NVFP4 MLPs: the dense gated MLP (Qwen3, Gemma3, Qwen3-MoE's dense layers) and the routed MoE experts.
+
+Buffer names are the checkpoint contract (adallm/checkpoint.py fills them by name):
+  NVFP4MLP:      gate_up_proj  NVFP4Linear, parts ("gate_proj", "up_proj"), one shared global scale
+                 down_proj     NVFP4Linear
+  NVFP4Experts:  gate_up_weight              uint8          [E, 2I, H/2]   rows: gate (I) then up (I)
+                 gate_up_weight_scale        float8_e4m3fn  [E, 2I, H/16]
+                 gate_up_weight_global_scale float32        [E]            gate and up of an expert share it
+                 down_weight                 uint8          [E, H, I/2]
+                 down_weight_scale           float8_e4m3fn  [E, H, I/16]
+                 down_weight_global_scale    float32        [E]
+                 (per expert: the NVFP4 layout of adallm_ops/ops.py)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import nvfp4
+
+
+class NVFP4MLP(nn.Module):
+    """down_proj(act(gate) * up) with gate/up as one fused NVFP4 GEMV. x [..., H] -> [..., H]."""
+
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, act_fn: Callable) -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn = gate_up_proj, down_proj, act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split_outputs(self.gate_up_proj(x))
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class NVFP4Experts(nn.Module):
+    """Routed experts with NVFP4 weights, run by adallm::nvfp4_moe_linear (only routed experts are read).
+
+    Drop-in for transformers' fused experts module (Qwen3MoeExperts): forward(hidden_states [T, H],
+    top_k_index [T, k], top_k_weights [T, k]) -> [T, H] = sum_j w[t, j] * expert_{idx[t, j]}(x[t]).
+    Built empty (for a checkpoint loader; `device` may be "meta"), or from dense weights by `from_dense`.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act_fn: Callable,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        for n, k in ((hidden_size, "hidden_size"), (intermediate_size, "intermediate_size")):
+            if n % 16:
+                raise ValueError(f"adallm: {k} = {n} must be a multiple of 16 for NVFP4 experts")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.act_fn = act_fn
+        e, h, i = num_experts, hidden_size, intermediate_size
+        for name, n, k in (("gate_up", 2 * i, h), ("down", h, i)):
+            self.register_buffer(f"{name}_weight", torch.empty(e, n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer(f"{name}_weight_scale",
+                                 torch.empty(e, n, k // 16, dtype=torch.float8_e4m3fn, device=device))
+            self.register_buffer(f"{name}_weight_global_scale", torch.ones(e, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_dense(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: Callable,
+                   method: str = "rtn") -> "NVFP4Experts":
+        """gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I] -> quantized experts."""
+        e, two_i, h = gate_up_proj.shape
+        mod = cls(e, h, two_i // 2, act_fn, device=gate_up_proj.device)
+        for name, w in (("gate_up", gate_up_proj), ("down", down_proj)):
+            packed, scale, glob = getattr(mod, f"{name}_weight"), getattr(mod, f"{name}_weight_scale"), \
+                getattr(mod, f"{name}_weight_global_scale")
+            for j in range(e):
+                q = nvfp4.quantize(w[j].detach(), name=f"experts.{name}_proj[{j}]", method=method)
+                packed[j], scale[j], glob[j] = q.weight, q.weight_scale, q.weight_global_scale
+        return mod
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        moe = torch.ops.adallm.nvfp4_moe_linear
+        gate_up = moe(hidden_states, self.gate_up_weight, self.gate_up_weight_scale, self.gate_up_weight_global_scale,
+                      top_k_index)  # [T, k, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        down = moe(self.act_fn(gate) * up, self.down_weight, self.down_weight_scale, self.down_weight_global_scale,
+                   top_k_index)  # [T, k, H]
+        return (down.float() * top_k_weights.float().unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, nvfp4"

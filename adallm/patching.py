@@ -1,0 +1,108 @@
+"""`adallm.patch`: turn a transformers Qwen3 / Qwen3-MoE / Gemma3 model into an NVFP4 + FP8-KV-cache model in place.
+
+Every decoder layer keeps its transformers class, norms and rotary embedding; its `self_attn` becomes an
+NVFP4Attention and its MLP an NVFP4MLP (MoE layers: `mlp.experts` becomes NVFP4Experts, the router stays).
+Module names after patching (what checkpoint code reads and writes), per decoder layer:
+    self_attn.qkv_proj   NVFP4Linear(parts=("q_proj", "k_proj", "v_proj"))
+    self_attn.o_proj     NVFP4Linear
+    self_attn.q_norm / k_norm            unchanged (BF16)
+    mlp.gate_up_proj     NVFP4Linear(parts=("gate_proj", "up_proj")),  mlp.down_proj  NVFP4Linear
+    MoE: mlp.gate (router, unchanged), mlp.experts  NVFP4Experts (buffers in adallm/mlp.py)
+and `lm_head` becomes an NVFP4Linear when quantize_lm_head=True. Embeddings and norms stay as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import NVFP4Attention
+from .integrations import Family, families
+from .kv_cache import use_fp8_cache_in_generate
+from .linear import NVFP4Linear
+from .mlp import NVFP4Experts, NVFP4MLP
+
+__all__ = ["patch", "supported_architectures"]
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # the 4-D masks AdaLLM's attention reads
+
+
+def supported_architectures() -> list[str]:
+    return [cls.__name__ for f in families() for cls in f.architectures]
+
+
+def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = "rtn",
+          quantize: bool = True, progress: bool = True) -> nn.Module:
+    """Swaps the decoder's linears for NVFP4 modules (in place, layer by layer) and returns the model.
+
+    quantize=True: each BF16 weight is quantized with `method` (adallm.nvfp4.METHODS) on its device and
+    freed when its layer is done, so peak memory is the model plus about one layer.
+    quantize=False: the same module tree with empty packed buffers on the model's device (may be "meta"),
+    for a checkpoint loader to fill by name (see this module's docstring).
+    quantize_lm_head: also make lm_head NVFP4 (default: it stays in the model's dtype).
+    After patching, `model.generate` uses an Fp8KVCache unless the call passes a cache or a cache_implementation.
+    """
+    family = _family_of(model)
+    text = family.text_model(model)
+    config = text.config
+    family.check(config)
+    if config._attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"adallm: the model runs attn_implementation={config._attn_implementation!r}; AdaLLM's "
+                         f"attention needs one of {ATTN_IMPLEMENTATIONS} (load the model with attn_implementation='sdpa')")
+    if quantize and any(p.device.type == "meta" for p in text.layers.parameters()):
+        raise ValueError("adallm: cannot quantize weights on the meta device; pass quantize=False to build empty "
+                         "modules for a checkpoint loader")
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        for layer in tqdm(text.layers, desc="adallm: NVFP4", unit="layer", disable=not (progress and quantize)):
+            if isinstance(layer.self_attn, NVFP4Attention):
+                raise ValueError("adallm: this model is already patched")
+            layer.self_attn = _attention(layer.self_attn, family, quantize, method)
+            _patch_mlp(layer, quantize, method)
+        if quantize_lm_head:
+            model.lm_head = _linear([model.lm_head], (), quantize, method)
+    use_fp8_cache_in_generate(model)
+    return model
+
+
+def _family_of(model: nn.Module) -> Family:
+    for f in families():
+        if isinstance(model, f.architectures):
+            return f
+    raise ValueError(f"adallm: {type(model).__name__} is not supported; adallm.patch supports "
+                     f"{', '.join(supported_architectures())}")
+
+
+def _linear(linears: list[nn.Linear], parts: tuple[str, ...], quantize: bool, method: str) -> NVFP4Linear:
+    """One (fused) NVFP4Linear from nn.Linears: quantized, or empty with the same shape/device/dtype."""
+    if quantize:
+        return NVFP4Linear.from_dense(linears, parts, method=method)
+    sizes = tuple(lin.out_features for lin in linears)
+    w = linears[0].weight
+    return NVFP4Linear(linears[0].in_features, sum(sizes), linears[0].bias is not None, parts,
+                       sizes if parts else (), device=w.device, dtype=w.dtype)
+
+
+def _attention(hf_attn: nn.Module, family: Family, quantize: bool, method: str) -> NVFP4Attention:
+    qkv = _linear([hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj], ("q_proj", "k_proj", "v_proj"), quantize, method)
+    o = _linear([hf_attn.o_proj], (), quantize, method)
+    # scaling and sliding_window are read from the HF module, so they follow its family's rules exactly.
+    return NVFP4Attention(hf_attn.config, hf_attn.layer_idx, qkv, o, hf_attn.q_norm, hf_attn.k_norm,
+                          head_dim=hf_attn.head_dim, scaling=hf_attn.scaling, sliding_window=hf_attn.sliding_window,
+                          apply_rotary=family.apply_rotary, eager_attention=family.eager_attention)
+
+
+def _patch_mlp(layer: nn.Module, quantize: bool, method: str) -> None:
+    mlp = layer.mlp
+    if hasattr(mlp, "experts") and hasattr(mlp, "gate"):  # MoE block: swap the experts, keep block and router
+        ex = mlp.experts
+        if quantize:
+            mlp.experts = NVFP4Experts.from_dense(ex.gate_up_proj, ex.down_proj, ex.act_fn, method)
+        else:
+            e, two_i, h = ex.gate_up_proj.shape
+            mlp.experts = NVFP4Experts(e, h, two_i // 2, ex.act_fn, device=ex.gate_up_proj.device)
+    elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        layer.mlp = NVFP4MLP(_linear([mlp.gate_proj, mlp.up_proj], ("gate_proj", "up_proj"), quantize, method),
+                             _linear([mlp.down_proj], (), quantize, method), mlp.act_fn)
+    else:
+        raise ValueError(f"adallm: unexpected MLP module {type(mlp).__name__}")
