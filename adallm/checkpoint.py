@@ -136,6 +136,8 @@ class Source:
         self.reader, self.spec, self.device, self.method = reader, spec, device, method
         self.fmt = FORMATS[spec.format] if spec else None
         self.names = normalized_keys(reader)
+        # projections an NVFP4 checkpoint keeps unquantized (excluded) that AdaLLM runs in NVFP4
+        self.quantized_on_load: list[str] = []
 
     def ckpt_name(self, name: str) -> str:
         return self.names.get(name, name)
@@ -164,16 +166,17 @@ class Source:
         return self.spec is not None and not self.spec.is_excluded(module, self.ckpt_name(module + ".weight")[:-7])
 
     def group(self, prefixes: list[str], sizes: list[int], k: int) -> list[Part]:
-        """A fused group of projections [N_i, K] as NVFP4 parts on device."""
-        kinds = {self.quantized(p) for p in prefixes}
-        if len(kinds) > 1:
-            raise CheckpointError(f"adallm: {self.reader.directory}: the fused group {prefixes} is partly excluded "
-                                  f"from quantization; AdaLLM runs the group as one NVFP4 weight")
-        if kinds.pop():
-            return [self._packed(p, n, k) for p, n in zip(prefixes, sizes)]
-        dense = [self.get(f"{p}.weight", (n, k), ("BF16", "F16", "F32"), "dense weight")
-                 for p, n in zip(prefixes, sizes)]
-        return [Part(q) for q in nvfp4.quantize_group(dense, prefixes, method=self.method)]
+        """A fused group of projections [N_i, K] as NVFP4 parts on device: packed ones as stored, the
+        others quantized here (one shared global when the whole group is unquantized)."""
+        packed = [self.quantized(p) for p in prefixes]
+        dense = {p: self.get(f"{p}.weight", (n, k), ("BF16", "F16", "F32"), "unquantized weight")
+                 for p, n, q in zip(prefixes, sizes, packed) if not q}
+        if self.spec is not None:
+            self.quantized_on_load += list(dense)
+        if not any(packed):
+            return [Part(q) for q in nvfp4.quantize_group(list(dense.values()), prefixes, method=self.method)]
+        return [self._packed(p, n, k) if q else Part(nvfp4.quantize(dense[p], name=p, method=self.method))
+                for p, n, q in zip(prefixes, sizes, packed)]
 
     def _packed(self, prefix: str, n: int, k: int) -> Part:
         t = self.fmt.tensor_names(prefix)
@@ -407,6 +410,10 @@ def fill_nvfp4_modules(model: nn.Module, src: Source, progress: bool = True) -> 
         if new is not mod:
             parent, child = path.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, new)
+    if src.quantized_on_load:
+        warnings.warn(f"adallm: {src.reader.directory}: {len(src.quantized_on_load)} decoder projections are excluded "
+                      f"from quantization in this checkpoint (stored unquantized), e.g. {src.quantized_on_load[0]}; "
+                      f"AdaLLM runs them in NVFP4, so they were quantized on load", stacklevel=3)
     for name in src.reader.keys():
         if name.endswith((".k_scale", ".v_scale")):
             extras[name] = src.reader.get(name).float().reshape(())

@@ -128,15 +128,17 @@ def write_bf16(model, family: str, d: str, shards: int = 1) -> None:
 
 
 def write_nvfp4(model, family: str, d: str, fmt: str, shards: int = 2, global_ratio: dict[str, float] | None = None,
-                kv_scales: bool = False) -> dict[str, torch.Tensor]:
+                kv_scales: bool = False, keep_bf16: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Writes an NVFP4 checkpoint of `model`; returns {hub weight name: float64 dequantized weight}.
 
     Fused groups share one global (max amax / 2688) unless global_ratio maps a projection-name regex to
     a factor multiplying that projection's own global (to write groups with different globals).
+    keep_bf16: module names stored unquantized and listed in exclude_modules / ignore.
     """
     os.makedirs(d, exist_ok=True)
     tensors = hub_tensors(model, family)
-    qnames = [k for k in tensors if k.endswith(".weight") and QUANTIZED.search(_model_name(k[:-7]))]
+    qnames = [k for k in tensors if k.endswith(".weight") and QUANTIZED.search(_model_name(k[:-7]))
+              and k[:-7] not in keep_bf16]
     ref = {}
     for group in _groups(qnames):
         shared = max(tensors[n].abs().amax().item() for n in group) / 2688.0
@@ -164,7 +166,7 @@ def write_nvfp4(model, family: str, d: str, fmt: str, shards: int = 2, global_ra
     tensors = {k: v.to(torch.bfloat16) if v.dtype == torch.float32 and v.dim() > 0 and v.numel() > 1 else v
                for k, v in tensors.items()}
     if fmt == "modelopt":
-        excl = ["lm_head", "*.mlp.gate", "vision_tower*", "multi_modal_projector*"]
+        excl = ["lm_head", "*.mlp.gate", "vision_tower*", "multi_modal_projector*", *keep_bf16]
         quant = {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8" if kv_scales else None,
                  "exclude_modules": excl}
         with open(os.path.join(d, "hf_quant_config.json"), "w") as f:
@@ -177,7 +179,7 @@ def write_nvfp4(model, family: str, d: str, fmt: str, shards: int = 2, global_ra
               "compressed", "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme,
                                                           "input_activations": dict(scheme, dynamic="local"),
                                                           "format": "nvfp4-pack-quantized"}},
-              "ignore": ["lm_head", "re:.*mlp.gate$", "re:vision_tower.*", "re:multi_modal_projector.*"],
+              "ignore": ["lm_head", "re:.*mlp.gate$", "re:vision_tower.*", "re:multi_modal_projector.*", *keep_bf16],
               "kv_cache_scheme": None}
     _shard_write(tensors, d, shards)
     _write_config(model, d, qc)

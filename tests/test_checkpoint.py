@@ -162,6 +162,31 @@ def test_moe_experts_with_different_gate_up_globals_warn(tmp_path):
         from_pretrained(str(tmp_path), device="cpu", progress=False)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_excluded_decoder_projections_are_quantized_on_load_with_a_warning(fmt, tmp_path, ids):
+    """A checkpoint may keep some decoder projections in BF16; AdaLLM runs them in NVFP4 and says so. Whole
+    group excluded (layer 1 q/k/v/o): one shared global; part of a group (layer 0 k_proj): its own global."""
+    hf = cs.hf_model("qwen3")
+    keep = ("model.layers.0.self_attn.k_proj", *(f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"))
+    ref = cs.write_nvfp4(hf, "qwen3", str(tmp_path), fmt, keep_bf16=keep)
+    with pytest.warns(UserWarning, match=r"5 decoder projections are excluded from quantization in this checkpoint "
+                                         r"\(stored unquantized\), e\.g\. model\.layers\.0\.self_attn\.k_proj"):
+        m = _load(tmp_path)
+    sd = cs.hub_tensors(hf, "qwen3")
+    attn = "model.layers.1.self_attn"
+    w = [sd[f"{attn}.{p}_proj.weight"].to(torch.bfloat16) for p in "qkv"]
+    g = torch.tensor(max(x.abs().amax().float().item() for x in w) / 2688.0)
+    for p, x in zip("qkv", w):  # the ModelOpt recipe with the group's shared global
+        ref[f"{attn}.{p}_proj.weight"] = cs.dequant64(*torch.ops.adallm.nvfp4_quantize(x.float(), g), g.item())
+    for name in ("model.layers.0.self_attn.k_proj.weight", f"{attn}.o_proj.weight"):  # alone: its own global
+        x = sd[name].to(torch.bfloat16)
+        g = torch.tensor(x.abs().amax().float().item() / 2688.0)
+        ref[name] = cs.dequant64(*torch.ops.adallm.nvfp4_quantize(x.float(), g), g.item())
+    assert torch.equal(m.model.layers[1].self_attn.qkv_proj.dequantize(torch.float32),
+                       torch.cat([ref[f"{attn}.{p}_proj.weight"] for p in "qkv"]).float())
+    assert rel_err(logits(m, ids), logits(cs.reference_model(hf, ref), ids)) < LOGIT_TOL
+
+
 def test_checkpoint_scales_recorded(tmp_path):
     cs.write_nvfp4(cs.hf_model("qwen3"), "qwen3", str(tmp_path), "modelopt", kv_scales=True)
     m = from_pretrained(str(tmp_path), device="cpu", progress=False)
