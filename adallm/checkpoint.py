@@ -21,6 +21,9 @@ RMS error on top of NVFP4's own 9.5%, up to 4.8% per block; ratio 0.93: +2.3%), 
   - dense projections: the group is kept as separate NVFP4 modules (exact; one GEMV per part);
   - MoE experts (one global per expert for gate_up, fixed by the op contract): the scales are re-rounded
     and a warning reports the largest relative change.
+Decoder projections that an NVFP4 checkpoint keeps unquantized (its exclude_modules / ignore) are
+quantized on load with the ModelOpt recipe, with a warning: AdaLLM's attention and MLP modules run NVFP4
+only. Embeddings, norms, MoE routers, lm_head (unless stored quantized) and vision towers stay as stored.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from torch import nn
 from . import compressed_tensors, modelopt, nvfp4
 from .formats import CheckpointError, QuantSpec, unsupported
 from .linear import NVFP4Linear
+from .mlp import NVFP4Experts
 from .safetensors_io import SafetensorsReader, write_sharded
 
 __all__ = ["from_pretrained", "save_pretrained", "resolve", "read_config", "detect_quantization", "CheckpointError"]
@@ -136,6 +140,7 @@ class Source:
         self.reader, self.spec, self.device, self.method = reader, spec, device, method
         self.fmt = FORMATS[spec.format] if spec else None
         self.names = normalized_keys(reader)
+        self.modules = {m.rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for m, k in self.names.items()}
         # projections an NVFP4 checkpoint keeps unquantized (excluded) that AdaLLM runs in NVFP4
         self.quantized_on_load: list[str] = []
 
@@ -159,11 +164,13 @@ class Source:
         if "*" not in dtypes and got_dtype not in dtypes:
             raise CheckpointError(f"adallm: {self.reader.where(cname)} has dtype {got_dtype}, expected "
                                   f"{' or '.join(dtypes)} ({what})")
-        return self.reader.get(cname).to(self.device)
+        # copy=True: on the CPU, a tensor must not stay a view of the file mapping (re-saving into the same
+        # directory would truncate the file under it).
+        return self.reader.get(cname).to(self.device, copy=True)
 
     def quantized(self, module: str) -> bool:
         """Is projection `module` (model spelling) stored packed in this checkpoint?"""
-        return self.spec is not None and not self.spec.is_excluded(module, self.ckpt_name(module + ".weight")[:-7])
+        return self.spec is not None and not self.spec.is_excluded(module, self.modules.get(module, module))
 
     def group(self, prefixes: list[str], sizes: list[int], k: int) -> list[Part]:
         """A fused group of projections [N_i, K] as NVFP4 parts on device: packed ones as stored, the
@@ -262,7 +269,7 @@ def _set(module: nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def _is_experts(module: nn.Module) -> bool:
-    return "gate_up_weight" in module._buffers
+    return isinstance(module, NVFP4Experts)
 
 
 def _fill_linear(mod: NVFP4Linear, path: str, src: Source, extras: dict[str, torch.Tensor]) -> nn.Module:
@@ -273,15 +280,15 @@ def _fill_linear(mod: NVFP4Linear, path: str, src: Source, extras: dict[str, tor
     sizes = list(mod.part_sizes) if mod.parts else [mod.out_features]
     parts = src.group(prefixes, sizes, mod.in_features)
     _keep_input_scales(prefixes, parts, extras)
+    if mod.bias is not None:
+        _set(mod, "bias", torch.cat([src.get(f"{p}.bias", (n,), ("BF16", "F16", "F32"), "bias")
+                                     for p, n in zip(prefixes, sizes)]).to(mod.bias.dtype))
     weight, scale, g, worst = fuse(parts)
     if worst > 0:
         return SeparateParts(mod, parts)
     _set(mod, "weight", weight)
     _set(mod, "weight_scale", scale)
     _set(mod, "weight_global_scale", g.reshape(()))
-    if mod.bias is not None:
-        _set(mod, "bias", torch.cat([src.get(f"{p}.bias", (n,), ("BF16", "F16", "F32"), "bias")
-                                     for p, n in zip(prefixes, sizes)]).to(mod.bias.dtype))
     return mod
 
 
@@ -327,11 +334,14 @@ class SeparateParts(nn.Module):
         self.in_features, self.out_features = fused.in_features, fused.out_features
         self.parts, self.part_sizes = fused.parts, fused.part_sizes
         self.linears = nn.ModuleList()
-        for part, n in zip(parts, fused.part_sizes):
-            lin = NVFP4Linear(fused.in_features, n, device="meta")
+        biases = fused.bias.split(fused.part_sizes) if fused.bias is not None else [None] * len(parts)
+        for part, n, b in zip(parts, fused.part_sizes, biases):
+            lin = NVFP4Linear(fused.in_features, n, bias=b is not None, device="meta")
             _set(lin, "weight", part.q.weight)
             _set(lin, "weight_scale", part.q.weight_scale)
             _set(lin, "weight_global_scale", part.q.weight_global_scale.reshape(()))
+            if b is not None:
+                _set(lin, "bias", b.clone())
             self.linears.append(lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -469,6 +479,7 @@ def _nvfp4_tensors(model: nn.Module, extras: dict[str, torch.Tensor]) -> tuple[d
             prefixes = [f"{parent}.{p}" for p in mod.parts] if mod.parts else [path]
             if isinstance(mod, SeparateParts):
                 pieces = [(lin.weight, lin.weight_scale, lin.weight_global_scale) for lin in mod.linears]
+                out.update({f"{p}.bias": lin.bias for p, lin in zip(prefixes, mod.linears) if lin.bias is not None})
             else:
                 sizes = list(mod.part_sizes) if mod.parts else [mod.out_features]
                 pieces = [(w, s, mod.weight_global_scale) for w, s in
@@ -504,13 +515,9 @@ def _exclude_patterns(model: nn.Module, quantized: list[str]) -> list[str]:
         atoms = path.split(".")
         root = next(".".join(atoms[:i]) for i in range(1, len(atoms) + 1) if not has_q(".".join(atoms[:i])))
         pat = root if root == path else root + "*"
-        if pat not in out and not any(fnmatch_covered(path, o) for o in out):
+        if pat not in out and not modelopt.is_excluded(path, out):
             out.append(pat)
     return out
-
-
-def fnmatch_covered(name: str, pattern: str) -> bool:
-    return modelopt.is_excluded(name, [pattern])
 
 
 def save_pretrained(model: nn.Module, save_directory: str, tokenizer=None, max_shard_size: int | str = "5GB") -> None:
