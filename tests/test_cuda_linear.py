@@ -105,12 +105,12 @@ def test_linear_cuda_graph(m):
 
 
 def test_linear_gemv_matches_gemm_path():
-    """M = 16 (GEMV) and M = 17 (dequantize + cuBLAS): row 0 agrees to rounding."""
+    """M = 16 (GEMV) and M = 17 (dequantize + cuBLAS) agree to bf16 rounding (relative Frobenius error)."""
     w, s, g = random_nvfp4(384, 1024)
     x = torch.randn(17, 1024, device=DEV, dtype=torch.bfloat16)
-    a = torch.ops.adallm.nvfp4_linear(x[:16], w, s, g, None)
-    b = torch.ops.adallm.nvfp4_linear(x, w, s, g, None)[:16]
-    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    a = torch.ops.adallm.nvfp4_linear(x[:16], w, s, g, None).double()
+    b = torch.ops.adallm.nvfp4_linear(x, w, s, g, None)[:16].double()
+    assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------
