@@ -11,7 +11,9 @@
    the checkpoint pages touched through the file mapping, so it is an upper bound of private memory),
    and the packed size = bytes of every parameter and buffer of the loaded model. The checkpoint is
    written in its own process too, so no measurement inherits its memory.
-Pass criterion (issue 4): peak device allocated <= 1.1 x packed size. The file is usually still in the page
+With --bf16 it also writes a BF16 checkpoint of the same shape and measures quantize-on-load from it
+(expected peak: the NVFP4 model plus one layer's largest BF16 group, gate/up = 201 MB at Qwen3-8B).
+Pass criterion (issue 4): peak device allocated <= 1.1 x packed size (for the packed loads). The file is usually still in the page
 cache from step 1 (warm load); the JSON says so.
 Results: benchmarks/results/load_memory.json (GPU name, versions, git commit).
 """
@@ -67,6 +69,15 @@ def write_checkpoint(path: str, layers: int, device: str) -> None:
     adallm.save_pretrained(model, path)
 
 
+def write_bf16_checkpoint(path: str, layers: int, device: str) -> None:
+    """Random Qwen3-8B-shaped BF16 model -> transformers save_pretrained (the quantize-on-load source)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    cfg = Qwen3Config(**dict(QWEN3_8B, num_hidden_layers=layers))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+
+
 def model_bytes(model) -> int:
     seen, total = set(), 0
     for t in (*model.parameters(), *model.buffers()):
@@ -92,7 +103,7 @@ def measure(path: str, device: str, how: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    if how == "adallm":
+    if how in ("adallm", "quantize-on-load"):
         model = adallm.from_pretrained(path, device=device, progress=False)
     else:
         from transformers import AutoModelForCausalLM
@@ -118,11 +129,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--skip-write", action="store_true", help="reuse the checkpoint at --path")
     p.add_argument("--no-automodel", action="store_true", help="skip the AutoModelForCausalLM load")
-    p.add_argument("--measure", choices=["write", "adallm", "automodel"], help=argparse.SUPPRESS)  # child process
+    p.add_argument("--bf16", action="store_true", help="also write a BF16 checkpoint (16 GB at 36 layers) and "
+                   "measure quantize-on-load from it")
+    p.add_argument("--measure", choices=["write", "write-bf16", "adallm", "automodel", "quantize-on-load"],
+                   help=argparse.SUPPRESS)  # child process
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "load_memory.json"))
     a = p.parse_args()
     if a.measure == "write":
         write_checkpoint(a.path, a.layers, a.device)
+        return
+    if a.measure == "write-bf16":
+        write_bf16_checkpoint(a.path, a.layers, a.device)
         return
     if a.measure:
         print(json.dumps(measure(a.path, a.device, a.measure)))
@@ -135,8 +152,14 @@ def main() -> None:
     files = [f for f in os.listdir(a.path) if f.endswith(".safetensors")]
     ckpt_bytes = sum(os.path.getsize(os.path.join(a.path, f)) for f in files)
     runs = []
-    for how in ["adallm"] + ([] if a.no_automodel else ["automodel"]):
-        r = subprocess.run([sys.executable, __file__, "--path", a.path, "--device", a.device, "--measure", how],
+    jobs = [("adallm", a.path)] + ([] if a.no_automodel else [("automodel", a.path)])
+    if a.bf16:
+        bf16 = a.path + "-bf16"
+        subprocess.run([sys.executable, __file__, "--path", bf16, "--device", a.device, "--layers", str(a.layers),
+                        "--measure", "write-bf16"], check=True)
+        jobs.append(("quantize-on-load", bf16))
+    for how, path in jobs:
+        r = subprocess.run([sys.executable, __file__, "--path", path, "--device", a.device, "--measure", how],
                            capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"{how} load failed:\n{r.stderr[-4000:]}")
