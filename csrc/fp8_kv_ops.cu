@@ -33,6 +33,16 @@ unsigned* decode_counters(int device) {
   return cached[device];
 }
 
+// CTAs of the decode kernel for (head_dim, group) resident per SM; queried once per device and config.
+int decode_ctas_per_sm(int device, int head_dim, int group) {
+  static std::array<std::array<int, 3 * (adallm_fp8::kMaxGroup + 1)>, 64> cached{};
+  TORCH_CHECK(device >= 0 && device < int(cached.size()), "adallm: device index ", device, " out of range");
+  const int d_index = head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2;  // head_dim is checked by the caller
+  int& ctas = cached[device][d_index * (adallm_fp8::kMaxGroup + 1) + group];
+  if (ctas == 0) C10_CUDA_CHECK(adallm_fp8::decode_ctas_per_sm(head_dim, group, &ctas));
+  return ctas;
+}
+
 void check_cuda_ok(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "adallm: ", op, " kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -153,7 +163,8 @@ at::Tensor fp8_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_ca
   if (b == 0 || q.size(1) == 0) return out;
   const c10::cuda::CUDAGuard guard(q.device());
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int splits = adallm_fp8::decode_num_splits(int(b), int(hkv), int(length), num_sms);
+  const int ctas_per_sm = decode_ctas_per_sm(q.get_device(), int(d), int(group));
+  const int splits = adallm_fp8::decode_num_splits(int(b), int(hkv), int(length), num_sms * ctas_per_sm);
   at::Tensor ws_o, ws_lse;
   if (splits > 1) {
     ws_o = at::empty({b, q.size(1), splits, d}, q.options().dtype(at::kFloat));

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) fp8_kv_write_kernel(const 
   float x[kPerLane];
   uint32_t amax_bits = 0;  // |x| compared as integers: exact for subnormals even under flush-to-zero
   for (int i = 0; i < kPerLane; ++i) {
-    x[i] = static_cast<float>(in.x[i]);
+    x[i] = to_float(in.x[i]);
     amax_bits = max(amax_bits, __float_as_uint(x[i]) & 0x7FFFFFFFu);
   }
   amax_bits = __reduce_max_sync(0xFFFFFFFFu, amax_bits);
