@@ -152,16 +152,12 @@ __device__ __forceinline__ uint64_t l2_evict_first_policy() {
     return policy;
 }
 
-// 16-byte global -> shared copy that completes asynchronously (sm_80+); zero-fills when !valid.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid, uint64_t policy) {
-    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
-                 :: "r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0), "l"(policy)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(kPending) : "memory");
+__device__ __forceinline__ uint4 ld_stream_v4(const void* ptr, uint64_t policy) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr), "l"(policy));
+    return v;
 }
 
 }  // namespace adallm

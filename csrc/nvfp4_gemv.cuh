@@ -15,10 +15,9 @@
 //   CTA = 8 warps = WN row groups x WK k groups (WK a power of two picked from K, see gemv_wk_log2).
 //   Warp (wn, wk) owns 16 weight rows n0 + [0, 16) and every WK-th "warp step" of K.
 //   Warp step = 4 VEC slots of 32 k (one 16-byte vector of packed weights per row), VEC = 4 (M <= 8)
-//     or 2: lane (g = lane / 4, t = lane % 4) copies rows n0 + g and n0 + g + 8 at slots step + 4v + t,
-//     v < VEC: each copy instruction reads 64 contiguous bytes per row (4 lanes). The copies go through
-//     a shared-memory ring 2-3 steps deep (cp.async, L2 evict_first, L1 bypassed), so the next steps'
-//     weights are in flight while the lane computes the current one.
+//     or 2: lane (g = lane / 4, t = lane % 4) loads rows n0 + g and n0 + g + 8 at slots step + 4v + t,
+//     v < VEC: each load instruction reads 64 contiguous bytes per row (4 lanes), 2 VEC loads of 16 B in
+//     flight per lane, weights streamed with L1::no_allocate + L2 evict_first.
 //
 // Order of k inside an MMA. The MMA sums over its 16 k, so any assignment of k to fragment slots works
 // as long as A and B agree: block scales are applied to A in registers before the MMA, so the 16 k of
@@ -69,10 +68,8 @@ inline int gemv_wk_log2(int K, int slots_per_step) {
     return lg;
 }
 
-// Two CTAs per SM (<= 128 registers) with one m-tile; with two, the x fragments need more registers
-// than that, so one CTA per SM (the shared-memory ring keeps the weight loads in flight).
-template <typename T, int MT, int kStages>
-__global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) nvfp4_gemv_kernel(Nvfp4GemvArgs a, int wk_log2, int pair0) {
+template <typename T, int MT>
+__global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvArgs a, int wk_log2, int pair0) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int WK = 1 << wk_log2, WN = kGemvWarps >> wk_log2;
@@ -102,10 +99,8 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) nvfp4_gemv_kern
     const uint8_t* sA = ws + static_cast<int64_t>(okA ? nA : 0) * row_scales;
     const uint8_t* sB = ws + static_cast<int64_t>(okB ? nB : 0) * row_scales;
 
-    constexpr int kVecs = gemv_vecs<MT>(), kSlotsPerStep = 4 * kVecs;
+    constexpr int kGemvVecs = gemv_vecs<MT>(), kGemvSlotsPerStep = 4 * kGemvVecs;
     const int slots = K / 32;
-    const int total_steps = (slots + kSlotsPerStep - 1) / kSlotsPerStep;
-    const int my_steps = wk < total_steps ? (total_steps - wk + WK - 1) / WK : 0;  // steps wk, wk + WK, ...
     const uint64_t policy = l2_evict_first_policy();
     float acc[MT][4];
 #pragma unroll
@@ -113,51 +108,22 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) nvfp4_gemv_kern
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[mt][i] = 0.0f;
 
-    // Weight ring in shared memory, kStages steps deep: [stage][warp][vec][row g / g+8][lane] of 16 B.
-    // Each lane copies its own vectors (cp.async, zero-filled past K or N) and reads back only those,
-    // so no barrier is needed: cp.async.wait_group orders the lane's own copies.
-    extern __shared__ uint4 ring[];
-    constexpr int kStageVecs = kGemvWarps * kVecs * 2 * 32;
-    uint4* mine = ring + warp * kVecs * 2 * 32 + lane;
-    auto issue = [&](int i) {  // copy local step i into stage i % kStages (no copy past my_steps)
-        const int step = (wk + i * WK) * kSlotsPerStep;
-        uint4* dst = mine + (i % kStages) * kStageVecs;
+    for (int step = wk * kGemvSlotsPerStep; step < slots; step += WK * kGemvSlotsPerStep) {
+        uint4 va[kGemvVecs], vb[kGemvVecs];
+        uint32_t ua[kGemvVecs], ub[kGemvVecs];
 #pragma unroll
-        for (int v = 0; v < kVecs; ++v) {
+        for (int v = 0; v < kGemvVecs; ++v) {
             const int s = step + 4 * v + t;
-            const bool ok = i < my_steps && s < slots;
-            cp_async_16(dst + (2 * v) * 32, wA + 16 * (ok ? s : 0), ok && okA, policy);
-            cp_async_16(dst + (2 * v + 1) * 32, wB + 16 * (ok ? s : 0), ok && okB, policy);
-        }
-        cp_async_commit();  // one group per step, empty or not, so that wait_group counts steps
-    };
-    // The two scales of a slot's 32 k (2-byte aligned: K % 32 == 0), loaded one step ahead.
-    auto load_scales = [&](int i, uint32_t (&ua)[kVecs], uint32_t (&ub)[kVecs]) {
-        const int step = (wk + i * WK) * kSlotsPerStep;
-#pragma unroll
-        for (int v = 0; v < kVecs; ++v) {
-            const int s = step + 4 * v + t;
-            const bool ok = i < my_steps && s < slots;
+            const bool ok = s < slots;
+            va[v] = (ok && okA) ? ld_stream_v4(wA + 16 * s, policy) : make_uint4(0, 0, 0, 0);
+            vb[v] = (ok && okB) ? ld_stream_v4(wB + 16 * s, policy) : make_uint4(0, 0, 0, 0);
+            // The two scales of the slot's 32 k (2-byte aligned: K % 32 == 0).
             ua[v] = (ok && okA) ? __ldg(reinterpret_cast<const uint16_t*>(sA + 2 * s)) : 0u;
             ub[v] = (ok && okB) ? __ldg(reinterpret_cast<const uint16_t*>(sB + 2 * s)) : 0u;
         }
-    };
-
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) issue(i);
-    uint32_t ua[kVecs], ub[kVecs];
-    load_scales(0, ua, ub);
-    for (int i = 0; i < my_steps; ++i) {
-        issue(i + kStages - 1);          // refills the stage read in iteration i - 1
-        cp_async_wait<kStages - 1>();    // step i has landed
-        uint32_t na[kVecs], nb[kVecs];
-        load_scales(i + 1, na, nb);
-        const int step = (wk + i * WK) * kSlotsPerStep;
-        const uint4* src = mine + (i % kStages) * kStageVecs;
-#pragma unroll
-        for (int v = 0; v < kVecs; ++v) {
+        for (int v = 0; v < kGemvVecs; ++v) {
             const int s = step + 4 * v + t;
-            const uint4 va = src[(2 * v) * 32], vb = src[(2 * v + 1) * 32];
             const uint32_t scA = scale_pair<T>(ua[v]), scB = scale_pair<T>(ub[v]);
 #pragma unroll
             for (int wd = 0; wd < 4; ++wd) {
@@ -173,7 +139,7 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) nvfp4_gemv_kern
                 // Words 0, 1 of the vector are scale block 2s (low byte), words 2, 3 block 2s + 1.
                 const uint32_t sel = wd < 2 ? 0x1010 : 0x3232;
                 const uint32_t bsA = __byte_perm(scA, scA, sel), bsB = __byte_perm(scB, scB, sel);
-                const uint32_t qa = (&va.x)[wd], qb = (&vb.x)[wd];
+                const uint32_t qa = (&va[v].x)[wd], qb = (&vb[v].x)[wd];
                 {  // q = 0: k (0, 4) and (1, 5) of the word
                     const uint32_t af[4] = {mul2<T>(fp4_pair<T, 0>(qa), bsA), mul2<T>(fp4_pair<T, 0>(qb), bsB),
                                             mul2<T>(fp4_pair<T, 1>(qa), bsA), mul2<T>(fp4_pair<T, 1>(qb), bsB)};
@@ -192,13 +158,7 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) nvfp4_gemv_kern
                 }
             }
         }
-#pragma unroll
-        for (int v = 0; v < kVecs; ++v) {
-            ua[v] = na[v];
-            ub[v] = nb[v];
-        }
     }
-    cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
 
     // C fragment -> shared memory: red[warp][row 0..15][col 0..8 MT).
     __shared__ float red[kGemvWarps][16][MT * 8];
@@ -229,49 +189,24 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) nvfp4_gemv_kern
     }
 }
 
-// Dynamic shared memory of the weight ring: stages x warps x VEC x 2 rows x 32 lanes x 16 B
-// (VEC = 4: 32 KB per stage).
-template <int MT> constexpr int gemv_ring_bytes(int stages) {
-    return stages * kGemvWarps * gemv_vecs<MT>() * 2 * 32 * 16;
-}
-
-template <typename T, int MT, int kStages>
-cudaError_t launch_gemv_variant(const Nvfp4GemvArgs& a, int wk_log2, dim3 grid, int pair0, cudaStream_t stream) {
-    const int smem = gemv_ring_bytes<MT>(kStages);
-    const cudaError_t err = cudaFuncSetAttribute(nvfp4_gemv_kernel<T, MT, kStages>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    nvfp4_gemv_kernel<T, MT, kStages><<<grid, kGemvThreads, smem, stream>>>(a, wk_log2, pair0);
-    return cudaGetLastError();
-}
-
 // Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
-// Ring depth: 3 steps where two CTAs of 3 x 32 KB (+ 8 KB reduction) fit an SM (H100: 228 KB), else 2
-// (A100 164 KB: two CTAs; RTX 4090 100 KB: one CTA).
 template <typename T>
 cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, cudaStream_t stream) {
-    int device = 0, smem_per_sm = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-    if (err != cudaSuccess) return err;
     const int mt = a.M <= 8 ? 1 : 2;
-    constexpr int kRedAndReserve = 9 * 1024;  // static reduction buffer (<= 8 KB) + 1 KB per-CTA reserve
-    const bool deep = smem_per_sm >= 2 * ((mt == 1 ? gemv_ring_bytes<1>(3) : gemv_ring_bytes<2>(3)) + kRedAndReserve);
     const int wk_log2 = gemv_wk_log2(a.K, 4 * (mt == 1 ? gemv_vecs<1>() : gemv_vecs<2>()));
     const int rows_cta = (kGemvWarps >> wk_log2) * 16;
     const int grid_x = (a.N + rows_cta - 1) / rows_cta;
     constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
-    for (int p0 = 0; p0 < pairs && err == cudaSuccess; p0 += kMaxGridY) {
+    for (int p0 = 0; p0 < pairs; p0 += kMaxGridY) {
         const dim3 grid(grid_x, pairs - p0 < kMaxGridY ? pairs - p0 : kMaxGridY);
         if (mt == 1)
-            err = deep ? launch_gemv_variant<T, 1, 3>(a, wk_log2, grid, p0, stream)
-                       : launch_gemv_variant<T, 1, 2>(a, wk_log2, grid, p0, stream);
+            nvfp4_gemv_kernel<T, 1><<<grid, kGemvThreads, 0, stream>>>(a, wk_log2, p0);
         else
-            err = deep ? launch_gemv_variant<T, 2, 3>(a, wk_log2, grid, p0, stream)
-                       : launch_gemv_variant<T, 2, 2>(a, wk_log2, grid, p0, stream);
+            nvfp4_gemv_kernel<T, 2><<<grid, kGemvThreads, 0, stream>>>(a, wk_log2, p0);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
     }
-    return err;
+    return cudaSuccess;
 }
 
 }  // namespace adallm

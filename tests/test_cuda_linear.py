@@ -7,6 +7,9 @@
   vs the same float64 reference, plus a floor. Outputs come from poisoned memory (NaN-filled blocks of
   the caching allocator), so an unwritten element fails.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,9 +202,6 @@ def test_errors():
     lin = torch.ops.adallm.nvfp4_linear
     with pytest.raises(ValueError, match="x must be bfloat16 or float16"):
         lin(x.float(), w, s, g, None)
-    with pytest.raises(ValueError, match="must be a multiple of 16"):
-        lin(torch.randn(2, 40, device=DEV, dtype=torch.bfloat16), w[:, :20].contiguous(), s[:, :2].contiguous(), g,
-            None)
     with pytest.raises(ValueError, match="must be contiguous"):
         lin(x, torch.randint(0, 255, (64, 32), dtype=torch.uint8, device=DEV).t(), s, g, None)
     with pytest.raises(ValueError, match="x has K = 48"):
@@ -217,3 +217,21 @@ def test_errors():
     ew, es, eg = random_nvfp4(32, 64, experts=2)
     with pytest.raises(ValueError, match="expert_ids must be int32/int64"):
         torch.ops.adallm.nvfp4_moe_linear(x, ew, es, eg, torch.zeros(2, 2, device=DEV))
+
+
+def test_error_k_not_multiple_of_16_in_subprocess():
+    """K % 16 != 0 raises ValueError. Run in a child process: on the H100 machine (torch 2.11) this call
+    crashed the interpreter (segfault) in two runs, cause not found yet; a crash must fail this test only."""
+    code = (
+        "import torch, adallm_ops\n"
+        "w = torch.randint(0, 255, (32, 20), dtype=torch.uint8, device='cuda')\n"
+        "s = torch.ones(32, 2, device='cuda').to(torch.float8_e4m3fn)\n"
+        "x = torch.randn(2, 40, device='cuda', dtype=torch.bfloat16)\n"
+        "try:\n"
+        "    torch.ops.adallm.nvfp4_linear(x, w, s, torch.tensor(1.0, device='cuda'), None)\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"child exited with {run.returncode}: {run.stderr[-2000:]}"
+    assert "ValueError" in run.stdout and "must be a multiple of 16" in run.stdout, run.stdout
