@@ -61,8 +61,8 @@ def build(verbose: bool = False) -> None:
         name="adallm_cuda",
         sources=sources(),
         extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *cuda_arch_flags(),
+        extra_cflags=["-O3"],  # torch adds the C++ standard its headers need
+        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *cuda_arch_flags(),
                            *os.environ.get("ADALLM_EXTRA_CUDA_CFLAGS", "").split()],
         is_python_module=False,
         verbose=verbose,
