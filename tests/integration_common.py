@@ -30,7 +30,7 @@ E4M3_MAX = 448.0
 # Tiny random models
 
 
-def tiny_model(family: str, dtype: torch.dtype = torch.bfloat16, **overrides):
+def tiny_model(family: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", **overrides):
     """A tiny random bf16 model of `family` (head_dim 64: the decode op's smallest), eval mode, sdpa."""
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
                               Qwen3MoeForCausalLM)
@@ -50,7 +50,7 @@ def tiny_model(family: str, dtype: torch.dtype = torch.bfloat16, **overrides):
         raise ValueError(family)
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    model = cls(cfg).to(dtype).eval()
+    model = cls(cfg).to(device, dtype).eval()
     if family == "qwen3_moe":
         model.set_experts_implementation("eager")  # the float64 reference: grouped_mm has no float64 kernel
     return model
@@ -139,9 +139,10 @@ def cache_kw(model) -> str:
 # Running the models
 
 
-def reference_models(family: str, dtype: torch.dtype = torch.bfloat16, model=None, **patch_kwargs):
+def reference_models(family: str, dtype: torch.dtype = torch.bfloat16, model=None, device: str = "cpu",
+                     **patch_kwargs):
     """(patched, reference in the same dtype, reference in float64) for a fresh tiny model of `family`."""
-    model = tiny_model(family, dtype) if model is None else model
+    model = tiny_model(family, dtype, device) if model is None else model
     patched, ref = patched_and_reference(model, **patch_kwargs)
     return patched, ref, copy.deepcopy(ref).double()
 
@@ -149,11 +150,12 @@ def reference_models(family: str, dtype: torch.dtype = torch.bfloat16, model=Non
 def generate(model, ids, mask=None, new=64, cache=None, **kw):
     """Greedy by default. Returns (new tokens [B, new], the cache generate used)."""
     cache_arg = {} if cache is None else {cache_kw(model): cache}
+    ids, mask = ids.to(model.device), None if mask is None else mask.to(model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                              return_dict_in_generate=True, **{"do_sample": False, **cache_arg, **kw})
     used = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    return out.sequences[:, ids.shape[1]:], used
+    return out.sequences[:, ids.shape[1]:].cpu(), used
 
 
 def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,12 +171,13 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
 def teacher_force(model, cache, tokens: torch.Tensor, splits: list[int], mask: torch.Tensor) -> torch.Tensor:
     """Feeds tokens[:, a:b] for consecutive split points (one forward each, like generate: position ids
     from the mask) into `cache`. Returns float64 logits [B, splits[-1], V]."""
+    tokens, mask = tokens.to(model.device), mask.to(model.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out, a = [], 0
     for b in splits:
         with torch.no_grad():
             out.append(model(tokens[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], use_cache=True,
-                             **{cache_kw(model): cache}).logits.double())
+                             **{cache_kw(model): cache}).logits.double().cpu())
         a = b
     return torch.cat(out, dim=1)
 
@@ -230,11 +233,11 @@ def assert_greedy_consistent(tokens: torch.Tensor, lt: torch.Tensor, l64: torch.
 # The checks every family runs
 
 
-def check_logits(family: str, model=None) -> None:
+def check_logits(family: str, model=None, device: str = "cpu") -> None:
     """Left-padded batch: prefill (12 tokens, longer than Gemma3's window of 8), 6 decode steps, a 5-token
     continuation chunk over the cached prefix, 4 more decode steps; FP8 path and the user-cache path."""
     torch.manual_seed(0)
-    models = reference_models(family, model=model)
+    models = reference_models(family, model=model, device=device)
     vocab = models[0].config.get_text_config().vocab_size
     ids, mask = left_pad([torch.randint(1, vocab, (12,)), torch.randint(1, vocab, (8,))])
     more = torch.randint(1, vocab, (2, 15))
@@ -246,10 +249,10 @@ def check_logits(family: str, model=None) -> None:
     assert_fa3_rule(*three_way(models, False, tokens, splits, mask), valid, f"{family} DynamicCache")
 
 
-def check_greedy(family: str, prompt_len: int = 12, new: int = 64) -> None:
+def check_greedy(family: str, prompt_len: int = 12, new: int = 64, device: str = "cpu") -> None:
     """generate (default cache: Fp8KVCache) on a left-padded batch vs the references, teacher-forced."""
     torch.manual_seed(1)
-    patched, ref, ref64 = reference_models(family)
+    patched, ref, ref64 = reference_models(family, device=device)
     vocab = patched.config.vocab_size
     ids, mask = left_pad([torch.randint(1, vocab, (prompt_len,)), torch.randint(1, vocab, (prompt_len - 5,))])
     tokens, cache = generate(patched, ids, mask, new)
@@ -262,12 +265,12 @@ def check_greedy(family: str, prompt_len: int = 12, new: int = 64) -> None:
     assert_greedy_consistent(tokens, lt, l64, f"{family} greedy, prompt {prompt_len}")
 
 
-def check_batch_matches_alone(family: str, lengths=(20, 9), new: int = 32) -> None:
+def check_batch_matches_alone(family: str, lengths=(20, 9), new: int = 32, device: str = "cpu") -> None:
     """Each row of a left-padded batch computes what it computes alone: the alone greedy continuation,
     teacher-forced through the batch, gives the same logits within bf16 noise (measured ~0.7% of the
     largest logit; a padding bug costs tens of %) and the same greedy choices up to near-ties."""
     torch.manual_seed(2)
-    model = tiny_model(family)
+    model = tiny_model(family, device=device)
     adallm.patch(model, progress=False)
     vocab = model.config.vocab_size
     rows = [torch.randint(1, vocab, (n,)) for n in lengths]
@@ -289,11 +292,11 @@ def check_batch_matches_alone(family: str, lengths=(20, 9), new: int = 32) -> No
         assert (margin <= 2 * (la - lb).abs().amax(-1) + 1e-3 * scale).all(), f"{family} row {i}: greedy differs"
 
 
-def check_continuation(family: str) -> None:
+def check_continuation(family: str, device: str = "cpu") -> None:
     """Multi-turn: generate 8 tokens into a user Fp8KVCache, append 5 user tokens, generate 8 more with the
     same cache (a chunk over the cached prefix); teacher-forced against the references the same way."""
     torch.manual_seed(3)
-    patched, ref, ref64 = reference_models(family)
+    patched, ref, ref64 = reference_models(family, device=device)
     vocab, p = patched.config.vocab_size, 12
     ids = torch.randint(1, vocab, (1, p))
     cache = adallm.Fp8KVCache(patched.config, 64)
