@@ -9,6 +9,7 @@
 #include <array>
 #include <cmath>
 
+#include "check.h"
 #include "fp8_decode_attention.cuh"
 #include "fp8_kv_write.cuh"
 
@@ -24,7 +25,7 @@ __device__ unsigned g_decode_counters[kMaxCounterRows];
 
 unsigned* decode_counters(int device) {
   static std::array<unsigned*, 64> cached{};
-  TORCH_CHECK(device >= 0 && device < int(cached.size()), "adallm: device index ", device, " out of range");
+  ADALLM_CHECK_RUNTIME(device >= 0 && device < int(cached.size()), "adallm: device index ", device, " out of range");
   if (cached[device] == nullptr) {
     void* ptr = nullptr;
     C10_CUDA_CHECK(cudaGetSymbolAddress(&ptr, g_decode_counters));
@@ -36,7 +37,7 @@ unsigned* decode_counters(int device) {
 // CTAs of the decode kernel for (head_dim, group) resident per SM; queried once per device and config.
 int decode_ctas_per_sm(int device, int head_dim, int group) {
   static std::array<std::array<int, 3 * (adallm_fp8::kMaxGroup + 1)>, 64> cached{};
-  TORCH_CHECK(device >= 0 && device < int(cached.size()), "adallm: device index ", device, " out of range");
+  ADALLM_CHECK_RUNTIME(device >= 0 && device < int(cached.size()), "adallm: device index ", device, " out of range");
   const int d_index = head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2;  // head_dim is checked by the caller
   int& ctas = cached[device][d_index * (adallm_fp8::kMaxGroup + 1) + group];
   if (ctas == 0) C10_CUDA_CHECK(adallm_fp8::decode_ctas_per_sm(head_dim, group, &ctas));
@@ -44,27 +45,27 @@ int decode_ctas_per_sm(int device, int head_dim, int group) {
 }
 
 void check_cuda_ok(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "adallm: ", op, " kernel launch failed: ", cudaGetErrorString(err));
+  ADALLM_CHECK_RUNTIME(err == cudaSuccess, "adallm: ", op, " kernel launch failed: ", cudaGetErrorString(err));
 }
 
 void check_kv_cache(const at::Tensor& cache, const at::Tensor& scale, const char* name) {
-  TORCH_CHECK_VALUE(cache.scalar_type() == at::kFloat8_e4m3fn, "adallm: ", name,
+  ADALLM_CHECK(cache.scalar_type() == at::kFloat8_e4m3fn, "adallm: ", name,
                     "_cache must be float8_e4m3fn, got ", cache.scalar_type());
-  TORCH_CHECK_VALUE(cache.dim() == 4, "adallm: ", name, "_cache must be [B, Hkv, L, D], got shape ", cache.sizes());
-  TORCH_CHECK_VALUE(cache.is_contiguous() && scale.is_contiguous(), "adallm: ", name, "_cache and ", name,
+  ADALLM_CHECK(cache.dim() == 4, "adallm: ", name, "_cache must be [B, Hkv, L, D], got shape ", cache.sizes());
+  ADALLM_CHECK(cache.is_contiguous() && scale.is_contiguous(), "adallm: ", name, "_cache and ", name,
                     "_scale must be contiguous");
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.sizes() == cache.sizes().slice(0, 3), "adallm: ",
+  ADALLM_CHECK(scale.scalar_type() == at::kFloat && scale.sizes() == cache.sizes().slice(0, 3), "adallm: ",
                     name, "_scale must be float32 ", cache.sizes().slice(0, 3), ", got ", scale.scalar_type(), " ",
                     scale.sizes());
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, "adallm: ", name,
+  ADALLM_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, "adallm: ", name,
                     "_cache must be 16-byte aligned");
-  TORCH_CHECK_VALUE(cache.size(2) > 0 && cache.size(2) < (int64_t(1) << 30), "adallm: ", name,
+  ADALLM_CHECK(cache.size(2) > 0 && cache.size(2) < (int64_t(1) << 30), "adallm: ", name,
                     "_cache length must be in [1, 2^30), got ", cache.size(2));
 }
 
 void check_same_device(std::initializer_list<const at::Tensor*> ts, const char* op) {
   for (const at::Tensor* t : ts) {
-    TORCH_CHECK_VALUE(t->device() == (*ts.begin())->device(), "adallm: all ", op, " tensors must be on one device");
+    ADALLM_CHECK(t->device() == (*ts.begin())->device(), "adallm: all ", op, " tensors must be on one device");
   }
 }
 
@@ -82,24 +83,24 @@ void fp8_kv_write_cuda(const at::Tensor& k_in, const at::Tensor& v_in, const at:
                        const at::Tensor& k_scale, const at::Tensor& v_scale, const at::Tensor& positions) {
   check_kv_cache(k_cache, k_scale, "k");
   check_kv_cache(v_cache, v_scale, "v");
-  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
-  TORCH_CHECK_VALUE((k_in.scalar_type() == at::kBFloat16 || k_in.scalar_type() == at::kHalf) &&
+  ADALLM_CHECK(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
+  ADALLM_CHECK((k_in.scalar_type() == at::kBFloat16 || k_in.scalar_type() == at::kHalf) &&
                         v_in.scalar_type() == k_in.scalar_type(),
                     "adallm: k and v must both be bfloat16 or float16, got ", k_in.scalar_type(), ", ",
                     v_in.scalar_type());
   const int64_t b = k_cache.size(0), h = k_cache.size(1), length = k_cache.size(2), d = k_cache.size(3);
-  TORCH_CHECK_VALUE(k_in.dim() == 4 && k_in.sizes() == v_in.sizes() && k_in.size(0) == b && k_in.size(1) == h &&
+  ADALLM_CHECK(k_in.dim() == 4 && k_in.sizes() == v_in.sizes() && k_in.size(0) == b && k_in.size(1) == h &&
                         k_in.size(3) == d,
                     "adallm: k/v must be [", b, ", ", h, ", S, ", d, "] to match the cache, got ", k_in.sizes(), ", ",
                     v_in.sizes());
   const int64_t s = k_in.size(2);
-  TORCH_CHECK_VALUE(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == s,
+  ADALLM_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == s,
                     "adallm: positions must be int64 [", s, "], got ", positions.scalar_type(), " ",
                     positions.sizes());
-  TORCH_CHECK_VALUE(s <= length, "adallm: cannot write ", s, " tokens into a cache of length ", length,
+  ADALLM_CHECK(s <= length, "adallm: cannot write ", s, " tokens into a cache of length ", length,
                     " (a ring buffer takes at most its length; pass the last L tokens)");
   check_same_device({&k_in, &v_in, &k_cache, &v_cache, &k_scale, &v_scale, &positions}, "fp8_kv_write");
-  TORCH_CHECK_VALUE(d == 64 || d == 128 || d == 256, "adallm: the CUDA fp8_kv_write supports head_dim 64, 128 "
+  ADALLM_CHECK(d == 64 || d == 128 || d == 256, "adallm: the CUDA fp8_kv_write supports head_dim 64, 128 "
                     "and 256, got ", d);
   if (s == 0 || b * h == 0) return;
 
@@ -135,29 +136,29 @@ at::Tensor fp8_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_ca
                                      double sm_scale, int64_t sliding_window, double softcap) {
   check_kv_cache(k_cache, k_scale, "k");
   check_kv_cache(v_cache, v_scale, "v");
-  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
+  ADALLM_CHECK(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
   const int64_t b = k_cache.size(0), hkv = k_cache.size(1), length = k_cache.size(2), d = k_cache.size(3);
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+  ADALLM_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
                     "adallm: q must be bfloat16 or float16, got ", q.scalar_type());
-  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(0) == b && q.size(2) == d, "adallm: q must be [", b, ", Hq, ", d,
+  ADALLM_CHECK(q.dim() == 3 && q.size(0) == b && q.size(2) == d, "adallm: q must be [", b, ", Hq, ", d,
                     "] to match the cache, got ", q.sizes());
-  TORCH_CHECK_VALUE(hkv > 0 && q.size(1) % hkv == 0, "adallm: Hq = ", q.size(1), " must be a multiple of Hkv = ",
+  ADALLM_CHECK(hkv > 0 && q.size(1) % hkv == 0, "adallm: Hq = ", q.size(1), " must be a multiple of Hkv = ",
                     hkv);
-  TORCH_CHECK_VALUE(q.is_contiguous(), "adallm: q must be contiguous");
-  TORCH_CHECK_VALUE(d == 64 || d == 128 || d == 256, "adallm: head_dim must be 64, 128 or 256, got ", d);
+  ADALLM_CHECK(q.is_contiguous(), "adallm: q must be contiguous");
+  ADALLM_CHECK(d == 64 || d == 128 || d == 256, "adallm: head_dim must be 64, 128 or 256, got ", d);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"cache_seqlens", &cache_seqlens},
                                 {"cache_start", &cache_start}}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == b, "adallm: ", name,
+    ADALLM_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == b, "adallm: ", name,
                       " must be int32 [", b, "], got ", t->scalar_type(), " ", t->sizes());
   }
-  TORCH_CHECK_VALUE(sliding_window >= 0 && softcap >= 0, "adallm: sliding_window and softcap must be >= 0");
+  ADALLM_CHECK(sliding_window >= 0 && softcap >= 0, "adallm: sliding_window and softcap must be >= 0");
   check_same_device({&q, &k_cache, &v_cache, &k_scale, &v_scale, &cache_seqlens, &cache_start},
                     "fp8_decode_attention");
   const int64_t group = q.size(1) / hkv;
-  TORCH_CHECK_VALUE(group <= adallm_fp8::kMaxGroup, "adallm: the CUDA fp8_decode_attention supports at most ",
+  ADALLM_CHECK(group <= adallm_fp8::kMaxGroup, "adallm: the CUDA fp8_decode_attention supports at most ",
                     adallm_fp8::kMaxGroup, " query heads per KV head, got ", group);
-  TORCH_CHECK_VALUE(b * hkv <= kMaxCounterRows, "adallm: batch * Hkv = ", b * hkv, " exceeds ", kMaxCounterRows);
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "adallm: q must be 16-byte aligned");
+  ADALLM_CHECK(b * hkv <= kMaxCounterRows, "adallm: batch * Hkv = ", b * hkv, " exceeds ", kMaxCounterRows);
+  ADALLM_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "adallm: q must be 16-byte aligned");
 
   at::Tensor out = at::empty_like(q);
   if (b == 0 || q.size(1) == 0) return out;
