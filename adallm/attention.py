@@ -85,6 +85,9 @@ class NVFP4Attention(nn.Module):
         valid = _as_bool_mask(mask, seen + s)  # [B,1,S,seen+S] or None (plain causal, empty cache)
         if seen == 0:
             keys, values = k, v
+            # A new token is padding iff it may not attend to itself (the diagonal is never causal- or
+            # window-masked); the cache takes each row's first valid position from it.
+            new_valid = None if valid is None else valid[:, 0].diagonal(dim1=-2, dim2=-1)
         else:
             if valid is None:
                 raise RuntimeError("adallm: a prefill over a cached prefix needs the attention mask transformers "
@@ -92,8 +95,8 @@ class NVFP4Attention(nn.Module):
             # Read the prefix before writing: a ring buffer's new tokens overwrite its oldest slots.
             k_prev, v_prev, lo = layer.read_prefix(k.dtype)
             keys, values, valid = torch.cat((k_prev, k), dim=2), torch.cat((v_prev, v), dim=2), valid[..., lo:]
-        # A new token is padding iff it may not attend to itself (the diagonal is never causal- or window-masked).
-        layer.write_chunk(k, v, None if valid is None else valid[:, 0, :, -s:].diagonal(dim1=-2, dim2=-1))
+            new_valid = None  # later chunks are not padded (see kv_cache.py)
+        layer.write_chunk(k, v, new_valid)
         groups = self.num_key_value_groups
         if valid is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling,

@@ -237,8 +237,11 @@ def use_fp8_cache_in_generate(model) -> None:
         if (model_kwargs.get(key) is not None or generation_config.cache_implementation is not None
                 or generation_config.use_cache is False or getattr(generation_config, "is_assistant", False)):
             return original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-        # As for transformers' static cache: `max_cache_len` sizes one cache for several calls.
-        max_cache_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+        # As transformers does for its static cache: never shrink below an earlier call's length (one shape,
+        # so a compiled decode step is reused) and honour `max_cache_len` where the version has it.
+        max_cache_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0,
+                               getattr(self, "_adallm_max_cache_length", 0))
+        self._adallm_max_cache_length = max_cache_length
         model_kwargs[key] = Fp8KVCache(self.config, max_cache_length)
 
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
