@@ -81,4 +81,5 @@ class NVFP4Experts(nn.Module):
         return (down.float() * top_k_weights.float().unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, nvfp4"
+        return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, nvfp4")

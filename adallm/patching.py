@@ -47,7 +47,8 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = "rt
     family.check(config)
     if config._attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"adallm: the model runs attn_implementation={config._attn_implementation!r}; AdaLLM's "
-                         f"attention needs one of {ATTN_IMPLEMENTATIONS} (load the model with attn_implementation='sdpa')")
+                         f"attention needs one of {ATTN_IMPLEMENTATIONS} (load the model with "
+                         "attn_implementation='sdpa')")
     if quantize and any(p.device.type == "meta" for p in text.layers.parameters()):
         raise ValueError("adallm: cannot quantize weights on the meta device; pass quantize=False to build empty "
                          "modules for a checkpoint loader")

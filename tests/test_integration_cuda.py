@@ -72,5 +72,6 @@ def test_patch_peak_memory_qwen3_8b_shapes():
     adallm.patch(model, progress=False)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    assert peak - before <= layer_bytes, f"patch peaked {(peak - before) / 2**20:.0f} MiB above the BF16 model; one layer is {layer_bytes / 2**20:.0f} MiB"
+    assert peak - before <= layer_bytes, (f"patch peaked {(peak - before) / 2**20:.0f} MiB above the BF16 model; "
+                                          f"one layer is {layer_bytes / 2**20:.0f} MiB")
     assert torch.cuda.memory_allocated() < before - 2 * layer_bytes  # the BF16 layers are gone

@@ -33,8 +33,9 @@ def test_module_tree_and_names():
     model = tiny_model("qwen3")
     adallm.patch(model, progress=False)
     names = {n for n, _ in model.named_buffers()}
-    for suffix in ("self_attn.qkv_proj.weight", "self_attn.qkv_proj.weight_scale", "self_attn.qkv_proj.weight_global_scale",
-                   "self_attn.o_proj.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight_scale"):
+    for suffix in ("self_attn.qkv_proj.weight", "self_attn.qkv_proj.weight_scale",
+                   "self_attn.qkv_proj.weight_global_scale", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
+                   "mlp.down_proj.weight_scale"):
         assert f"model.layers.1.{suffix}" in names
     attn = model.model.layers[0].self_attn
     assert attn.qkv_proj.parts == ("q_proj", "k_proj", "v_proj") and attn.qkv_proj.part_sizes == (256, 128, 128)
