@@ -24,7 +24,8 @@ if has build; then
   echo "build rc=$? warnings=$(grep -c -i 'warning' "$LOG/build.txt") spill-lines=$(grep -E 'bytes spill' "$LOG/build.txt" | grep -v ' 0 bytes spill stores, 0 bytes spill loads' | wc -l)" | tee -a "$summary"
 fi
 if has tests; then
-  python3 -m pytest -q -m "not slow" -p no:cacheprovider > "$LOG/tests.txt" 2>&1
+  # CPU-only tests run in CI; here the GPU ones (the CUDA impls against the CPU reference).
+  python3 -m pytest -q -m "cuda and not slow" -p no:cacheprovider > "$LOG/tests.txt" 2>&1
   echo "tests: $(tail -1 "$LOG/tests.txt")" | tee -a "$summary"
 fi
 if has sanitize; then
@@ -42,7 +43,7 @@ if has attention; then
 fi
 if has e2e; then
   for m in ${E2E_MODELS:-qwen3-8b}; do
-    python3 benchmarks/e2e.py "$m" --out "$LOG/e2e_$m.json" > "$LOG/e2e_$m.txt" 2>&1
+    python3 benchmarks/e2e.py "$m" ${E2E_ARGS:-} --out "$LOG/e2e_$m.json" > "$LOG/e2e_$m.txt" 2>&1
     echo "e2e $m rc=$?" | tee -a "$summary"
   done
 fi
