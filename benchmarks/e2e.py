@@ -3,6 +3,7 @@
     python benchmarks/e2e.py qwen3-8b --out benchmarks/results/e2e_qwen3-8b.json
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ if __name__ == "__main__":
         path = sys.argv[sys.argv.index("--out") + 1]
         with open(path) as f:
             res = json.load(f)
-        res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        # GIT_COMMIT: set by whoever copies the tree to a GPU machine without its .git
+        res["commit"] = os.environ.get("GIT_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         with open(path, "w") as f:
             json.dump(res, f, indent=1)

@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1 ADALLM_CUDA_ARCHS=${ADALLM_CUDA_ARCHS:-"8.0;8.9;9.0"}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
 stages=${*:-"build tests sanitize linear attention e2e load"}
 has() { [[ " $stages " == *" $1 "* ]]; }
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # the device copy may have no .git
 summary=$OUT/summary.txt
 echo "commit $commit  $(date -u)" | tee "$summary"
 
