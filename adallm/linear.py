@@ -33,7 +33,8 @@ class NVFP4Linear(nn.Module):
 
     @classmethod
     def from_dense(cls, linears: list[nn.Linear], parts: tuple[str, ...] = (),
-                   global_scale: torch.Tensor | None = None, method: str = "rtn") -> "NVFP4Linear":
+                   global_scale: torch.Tensor | None = None,
+                   method: str = nvfp4.DEFAULT_METHOD) -> "NVFP4Linear":
         """Quantizes one nn.Linear, or a fused group of them (one shared global scale), into a new module."""
         weights = [lin.weight.detach() for lin in linears]
         g = nvfp4.global_scale_for(*weights) if global_scale is None else global_scale

@@ -67,7 +67,13 @@ def load_model(device: str, dtype: torch.dtype):
     path = assemble()
     folder, name = os.path.dirname(path), os.path.basename(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # sdpa: the attention adallm.patch supports (newer transformers may otherwise pick a GGUF kernel's)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation="sdpa")
+    packed = [f"{n}: {type(m).__name__}" for n, m in model.named_modules()
+              if n.endswith("_proj") and type(m) is not nn.Linear]
+    if packed:  # transformers >= 5.2x can keep GGUF weights packed when the `kernels` package is installed
+        raise RuntimeError(f"the GGUF weights were loaded packed ({packed[0]}); "
+                           "the harness needs dense weights: uninstall the `kernels` package")
     return model.to(device).eval(), tok
 
 

@@ -30,16 +30,16 @@ def block_errors(w: torch.Tensor, g: float, scales: torch.Tensor) -> torch.Tenso
 
 
 def candidates(rtn_scale: float) -> list[float]:
-    """The E4M3 values 3 steps below to 1 step above the recipe's scale (the documented search window)."""
+    """The E4M3 values 3 steps below to 6 steps above the recipe's scale (the documented search window)."""
     i = int((E4M3_POSITIVE == rtn_scale).nonzero())
-    return E4M3_POSITIVE[max(i - 3, 0): i + 2].tolist()
+    return E4M3_POSITIVE[max(i - 3, 0): i + 7].tolist()
 
 
 def test_value_rounding_matches_codes():
     """The search's fast rounding picks the same E2M1 value as the format's code rounding, ties included."""
     y = torch.cat([torch.arange(-7, 7, 0.125), torch.randn(10_000) * 3, torch.tensor([5.0, -5.0, 3.5, 2.5, 0.25])])
     lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
-    assert torch.equal(nvfp4._e2m1_value(y), lut[e2m1_round(y).long()].abs().copysign(y))
+    assert torch.equal(nvfp4._e2m1_magnitude(y.abs()), lut[e2m1_round(y).long()].abs())
 
 
 @pytest.mark.parametrize("shape", [(8, 64), (5, 48)])
@@ -75,7 +75,7 @@ def test_mse_never_worse_than_rtn_and_better_on_average():
     g = q.weight_global_scale.item()
     e_mse, e_rtn = block_errors(w, g, q.weight_scale.float()), block_errors(w, g, rtn.weight_scale.float())
     assert bool((e_mse <= e_rtn).all())
-    assert e_mse.sum() < 0.9 * e_rtn.sum()  # ~20% lower on Gaussian weights
+    assert e_mse.sum() < 0.8 * e_rtn.sum()  # ~27% lower on Gaussian weights
 
 
 def test_mse_edge_cases():
