@@ -74,6 +74,29 @@ __device__ __forceinline__ uint32_t fp4_pair(uint32_t w) {
     return (v & 0x80008000u) | ((v >> Fp4Traits<T>::kMagShift) & Fp4Traits<T>::kMagMask);
 }
 
+// All four pairs of a word: out[J] = fp4_pair<T, J>(w). For bf16 one multiply does both shifts: with
+// only nibbles j and j + 4 kept (j = 0, 1; nibbles 2, 3 come from w >> 8), m * (2^(12-4j) + 2^(6-4j))
+// is the sum of two copies of m whose bits do not overlap (nibble j lands at bits 12..15 and 6..9), so
+// the sum is their OR: the sign is at bit 15 (31) of the first copy and the magnitude at bits 6..8
+// (22..24) of the second, and one mask keeps exactly those. Three instructions per pair instead of four.
+// (fp16 needs magnitude shift 3: the copies would overlap by one bit, so it keeps fp4_pair.)
+template <typename T>
+__device__ __forceinline__ void fp4_pairs(uint32_t w, uint32_t (&out)[4]) {
+    out[0] = fp4_pair<T, 0>(w);
+    out[1] = fp4_pair<T, 1>(w);
+    out[2] = fp4_pair<T, 2>(w);
+    out[3] = fp4_pair<T, 3>(w);
+}
+template <>
+__device__ __forceinline__ void fp4_pairs<__nv_bfloat16>(uint32_t w, uint32_t (&out)[4]) {
+    constexpr uint32_t kKeep = 0x80008000u | Fp4Traits<__nv_bfloat16>::kMagMask;
+    const uint32_t w8 = w >> 8;
+    out[0] = ((w & 0x000F000Fu) * ((1u << 12) + (1u << 6))) & kKeep;
+    out[1] = ((w & 0x00F000F0u) * ((1u << 8) + (1u << 2))) & kKeep;
+    out[2] = ((w8 & 0x000F000Fu) * ((1u << 12) + (1u << 6))) & kKeep;
+    out[3] = ((w8 & 0x00F000F0u) * ((1u << 8) + (1u << 2))) & kKeep;
+}
+
 // Two E4M3 block scales (bytes 0 and 1 of u) -> one T2 register (s0, s1) holding each scale times a
 // power of two chosen so that (fp4_pair value) * (scale_pair value) = e2m1 * e4m3 * 2^-7 in both types:
 //   fp16: e4m3 * 2^7   (largest 448 * 2^7 = 57344 < 65504),    times e2m1 * 2^-14
@@ -152,11 +175,29 @@ __device__ __forceinline__ uint64_t l2_evict_first_policy() {
     return policy;
 }
 
+// volatile: the loads stay where the software pipeline issues them (ahead of the math that is ordered
+// after them by the volatile MMAs), instead of sinking toward their first use.
 __device__ __forceinline__ uint4 ld_stream_v4(const void* ptr, uint64_t policy) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(ptr), "l"(policy));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr), "l"(policy));
+    return v;
+}
+
+// Activations: small and re-read by every warp, so cached in L1. volatile keeps each load next to its
+// use instead of hoisted a whole item ahead, which would cost registers the weight pipeline needs.
+__device__ __forceinline__ uint4 ld_x_v4(const void* ptr) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+    return v;
+}
+
+__device__ __forceinline__ uint32_t ld_stream_u16(const void* ptr, uint64_t policy) {
+    uint16_t v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.u16 %0, [%1], %2;\n" : "=h"(v) : "l"(ptr), "l"(policy));
     return v;
 }
 

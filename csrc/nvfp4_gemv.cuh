@@ -8,16 +8,17 @@
 //   gs     fp32  [E]: per-tensor (per-expert) scale, read on the device (no host sync: graph safe)
 //   bias   T [N] or null;  y  T [pairs][M, N]
 //
-// Work split. The GEMV runs on the tensor cores with A and B swapped: A = 16 weight rows x 16 k (the
+// Math. The GEMV runs on the tensor cores with A and B swapped: A = 16 weight rows x 16 k (the
 // dequantized weights), B = 16 k x 8 columns of x^T (x rows 0..7, or 8..15 for the second "m-tile"),
 // C = 16 weight rows x 8 outputs, accumulated in fp32. x rows >= M are zero registers.
 //
-//   CTA = 8 warps = WN row groups x WK k groups (WK a power of two picked from K, see gemv_wk_log2).
-//   Warp (wn, wk) owns 16 weight rows n0 + [0, 16) and every WK-th "warp step" of K.
-//   Warp step = 4 VEC slots of 32 k (one 16-byte vector of packed weights per row), VEC = 4 (M <= 8)
-//     or 2: lane (g = lane / 4, t = lane % 4) loads rows n0 + g and n0 + g + 8 at slots step + 4v + t,
-//     v < VEC: each load instruction reads 64 contiguous bytes per row (4 lanes), 2 VEC loads of 16 B in
-//     flight per lane, weights streamed with L1::no_allocate + L2 evict_first.
+// Work split.
+//   CTA = 8 warps = WN row tiles of 16 rows x WK k groups (WK = 4 or 8, picked by the launcher).
+//   Slot = 32 k of one row = one 16-byte vector of packed weights (+ 2 scale bytes).
+//   Item = 4 lanes x VEC slots: lane (g = lane / 4, t = lane % 4) loads rows n0 + g and n0 + g + 8 at
+//     slots 4 VEC step + 4 v + t, v < VEC: each load instruction reads 64 contiguous bytes per row, and
+//     a lane has 2 VEC loads of 16 B in flight (weights streamed with L1::no_allocate + L2 evict_first).
+//   Warp (wn, wk) owns steps wk, wk + WK, wk + 2 WK, ... of its tile (its items j = 0, 1, ...).
 //
 // Order of k inside an MMA. The MMA sums over its 16 k, so any assignment of k to fragment slots works
 // as long as A and B agree: block scales are applied to A in registers before the MMA, so the 16 k of
@@ -26,13 +27,15 @@
 // (e_2q+1, e_2q+5) of rows g and g+8 (fp4_pair: one shift per pair), and its B registers are the same
 // k of x: (x_2q, x_2q+4), (x_2q+1, x_2q+5), built from one 16-byte load of x with two byte permutes.
 //
-// Reduction: each warp's fp32 C goes to shared memory; the CTA sums the WK partial results in a fixed
-// order (deterministic), multiplies by global * 2^7 (kDequantUnscale), adds the bias and stores T.
+// Reduction. WK = 1: each lane writes its C fragment directly. WK > 1: the warps' fp32 C go to shared
+// memory; the CTA sums the WK partial results in a fixed order (deterministic). Both multiply by
+// global * 2^7 (kDequantUnscale), add the bias and store T.
 #pragma once
 
 #include "nvfp4_common.cuh"
 
 #include <cuda_runtime.h>
+
 
 namespace adallm {
 
@@ -52,23 +55,15 @@ struct Nvfp4GemvArgs {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
-constexpr int kGemvMaxM = 16;                         // two m-tiles of 8
-// 16-byte weight vectors per row per lane per step (loads in flight: 2 rows x VEC). With two m-tiles
-// the x fragments of a step take twice the registers, so the step halves to stay within 128 registers
-// (2 CTAs of 256 threads per SM) without spilling.
-template <int MT> constexpr int gemv_vecs() { return MT == 1 ? 4 : 2; }
+constexpr int kGemvMaxM = 16;  // two m-tiles of 8
 
-// Warps along K (log2). Enough warp steps for every k-group, else rows. With VEC = 4 a step is 4 lanes
-// x 4 vectors = 16 slots of 32 k: K = 4096 -> 128 slots = 8 steps -> WK = 8 (16 rows per CTA, 256 CTAs
-// for N = 4096); K = 2048 -> 4 steps -> WK = 4, WN = 2; K = 768 -> 24 slots = 2 steps -> WK = 2, WN = 4.
-inline int gemv_wk_log2(int K, int slots_per_step) {
-    const int steps = (K / 32 + slots_per_step - 1) / slots_per_step;
-    int lg = 0;
-    while ((1 << lg) < steps && (1 << lg) < kGemvWarps) ++lg;
-    return lg;
-}
+// One item's loads: VEC 16-byte weight vectors and VEC scale pairs for each of the lane's two rows.
+template <int VEC> struct GemvStage {
+    uint4 wa[VEC], wb[VEC];
+    uint32_t sa[VEC], sb[VEC];
+};
 
-template <typename T, int MT>
+template <typename T, int MT, int VEC>
 __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvArgs a, int wk_log2, int pair0) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -93,64 +88,82 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
     const int rows_cta = WN * 16;
     const int n0 = blockIdx.x * rows_cta + wn * 16;
     const int nA = n0 + g, nB = n0 + g + 8;
-    const bool okA = nA < N, okB = nB < N;
-    const uint8_t* wA = w + static_cast<int64_t>(okA ? nA : 0) * row_bytes;
-    const uint8_t* wB = w + static_cast<int64_t>(okB ? nB : 0) * row_bytes;
-    const uint8_t* sA = ws + static_cast<int64_t>(okA ? nA : 0) * row_scales;
-    const uint8_t* sB = ws + static_cast<int64_t>(okB ? nB : 0) * row_scales;
 
-    constexpr int kGemvVecs = gemv_vecs<MT>(), kGemvSlotsPerStep = 4 * kGemvVecs;
+    constexpr int kSlotsPerStep = 4 * VEC;
     const int slots = K / 32;
+    const int steps = (slots + kSlotsPerStep - 1) / kSlotsPerStep;
+    const int items = (steps + WK - 1) >> wk_log2;  // item j of this warp = step wk + j WK
     const uint64_t policy = l2_evict_first_policy();
+
+    // Byte offsets (32-bit: the launcher checks N K / 2 < 2^31) of the lane's two rows in w, in slots of
+    // 16 bytes; the scales of slot s are bytes 2 s, 2 s + 1 of the row in ws. Rows past N read row 0
+    // (never stored) and slots past the end read the row's slot 0 (their x is zero): no load is guarded.
+    const uint32_t rowA = nA < N ? nA : 0, rowB = nB < N ? nB : 0;
+    const uint32_t slotA = rowA * slots, slotB = rowB * slots;  // first slot of each row
+    // x rows of the lane's B fragment (m = g + 8 mt); rows >= M read zeros.
+    const T* xl[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        xl[mt] = g + 8 * mt < M ? x + static_cast<int64_t>(g + 8 * mt) * K + 32 * t : nullptr;
+    // Item j covers slots item_slot(j) + [0, kSlotsPerStep); the lane's vector v is slot + 4 v + t.
+    auto item_slot = [&](int j) { return (wk + (j << wk_log2)) * kSlotsPerStep; };
+
+    // Issues the loads of item j.
+    auto load = [&](GemvStage<VEC>& st, int j) {
+        const int s0 = item_slot(j) + t;
+        const int left = j < items ? slots - s0 : 0;  // slots of this lane's row from s0 on
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+            const uint32_t s = 4 * v < left ? s0 + 4 * v : 0;
+            st.wa[v] = ld_stream_v4(w + 16 * static_cast<uint64_t>(slotA + s), policy);
+            st.wb[v] = ld_stream_v4(w + 16 * static_cast<uint64_t>(slotB + s), policy);
+            st.sa[v] = ld_stream_u16(ws + 2 * static_cast<uint64_t>(slotA + s), policy);
+            st.sb[v] = ld_stream_u16(ws + 2 * static_cast<uint64_t>(slotB + s), policy);
+        }
+    };
+
     float acc[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[mt][i] = 0.0f;
 
-    for (int step = wk * kGemvSlotsPerStep; step < slots; step += WK * kGemvSlotsPerStep) {
-        uint4 va[kGemvVecs], vb[kGemvVecs];
-        uint32_t ua[kGemvVecs], ub[kGemvVecs];
+    // Decodes item j and accumulates it.
+    auto compute = [&](const GemvStage<VEC>& st, int j) {
+        const int s0 = item_slot(j);
+        const int left = slots - s0 - t;  // slots of this lane's row from s0 + t on
 #pragma unroll
-        for (int v = 0; v < kGemvVecs; ++v) {
-            const int s = step + 4 * v + t;
-            const bool ok = s < slots;
-            va[v] = (ok && okA) ? ld_stream_v4(wA + 16 * s, policy) : make_uint4(0, 0, 0, 0);
-            vb[v] = (ok && okB) ? ld_stream_v4(wB + 16 * s, policy) : make_uint4(0, 0, 0, 0);
-            // The two scales of the slot's 32 k (2-byte aligned: K % 32 == 0).
-            ua[v] = (ok && okA) ? __ldg(reinterpret_cast<const uint16_t*>(sA + 2 * s)) : 0u;
-            ub[v] = (ok && okB) ? __ldg(reinterpret_cast<const uint16_t*>(sB + 2 * s)) : 0u;
-        }
+        for (int v = 0; v < VEC; ++v) {
+            const bool ok = 4 * v < left;
+            const T* xv[MT];
 #pragma unroll
-        for (int v = 0; v < kGemvVecs; ++v) {
-            const int s = step + 4 * v + t;
-            const uint32_t scA = scale_pair<T>(ua[v]), scB = scale_pair<T>(ub[v]);
+            for (int mt = 0; mt < MT; ++mt) xv[mt] = ok && xl[mt] != nullptr ? xl[mt] + 32 * s0 + 128 * v : nullptr;
+            // Block scales broadcast to both halves: words 0, 1 of the vector are block 2s, words 2, 3 block 2s + 1.
+            const uint32_t scA = scale_pair<T>(st.sa[v]), scB = scale_pair<T>(st.sb[v]);
+            const uint32_t bsA[2] = {__byte_perm(scA, scA, 0x1010), __byte_perm(scA, scA, 0x3232)};
+            const uint32_t bsB[2] = {__byte_perm(scB, scB, 0x1010), __byte_perm(scB, scB, 0x3232)};
 #pragma unroll
             for (int wd = 0; wd < 4; ++wd) {
                 // x[m][32 s + 8 wd .. + 8] for this lane's m = g + 8 mt: regs (x0,x1) (x2,x3) (x4,x5) (x6,x7).
                 uint4 xr[MT];
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int m = g + 8 * mt;
-                    xr[mt] = (s < slots && m < M)
-                                 ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K + 32 * s) + wd)
-                                 : make_uint4(0, 0, 0, 0);
-                }
-                // Words 0, 1 of the vector are scale block 2s (low byte), words 2, 3 block 2s + 1.
-                const uint32_t sel = wd < 2 ? 0x1010 : 0x3232;
-                const uint32_t bsA = __byte_perm(scA, scA, sel), bsB = __byte_perm(scB, scB, sel);
-                const uint32_t qa = (&va[v].x)[wd], qb = (&vb[v].x)[wd];
+                for (int mt = 0; mt < MT; ++mt)
+                    xr[mt] = xv[mt] != nullptr ? ld_x_v4(xv[mt] + 8 * wd) : make_uint4(0, 0, 0, 0);
+                uint32_t pa[4], pb[4];
+                fp4_pairs<T>((&st.wa[v].x)[wd], pa);
+                fp4_pairs<T>((&st.wb[v].x)[wd], pb);
+                const uint32_t sa2 = bsA[wd >> 1], sb2 = bsB[wd >> 1];
                 {  // q = 0: k (0, 4) and (1, 5) of the word
-                    const uint32_t af[4] = {mul2<T>(fp4_pair<T, 0>(qa), bsA), mul2<T>(fp4_pair<T, 0>(qb), bsB),
-                                            mul2<T>(fp4_pair<T, 1>(qa), bsA), mul2<T>(fp4_pair<T, 1>(qb), bsB)};
+                    const uint32_t af[4] = {mul2<T>(pa[0], sa2), mul2<T>(pb[0], sb2), mul2<T>(pa[1], sa2),
+                                            mul2<T>(pb[1], sb2)};
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt)
                         mma_16816<T>(acc[mt], af, __byte_perm(xr[mt].x, xr[mt].z, 0x5410),
                                      __byte_perm(xr[mt].x, xr[mt].z, 0x7632));
                 }
                 {  // q = 1: k (2, 6) and (3, 7)
-                    const uint32_t af[4] = {mul2<T>(fp4_pair<T, 2>(qa), bsA), mul2<T>(fp4_pair<T, 2>(qb), bsB),
-                                            mul2<T>(fp4_pair<T, 3>(qa), bsA), mul2<T>(fp4_pair<T, 3>(qb), bsB)};
+                    const uint32_t af[4] = {mul2<T>(pa[2], sa2), mul2<T>(pb[2], sb2), mul2<T>(pa[3], sa2),
+                                            mul2<T>(pb[3], sb2)};
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt)
                         mma_16816<T>(acc[mt], af, __byte_perm(xr[mt].y, xr[mt].w, 0x5410),
@@ -158,6 +171,35 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
                 }
             }
         }
+    };
+
+    // One item in flight per warp: measured on the H100, register rings that load 1-3 items ahead of the
+    // math were slower (the kernel is bound by instruction issue, see launch_nvfp4_gemv).
+    for (int j = 0; j < items; ++j) {
+        GemvStage<VEC> st;
+        load(st, j);
+        if (wk + (j << wk_log2) < steps) compute(st, j);
+    }
+
+    const float gscale = a.gs[e] * kDequantUnscale;
+    const T* bias = static_cast<const T*>(a.bias);
+    T* y = static_cast<T*>(a.y) + static_cast<int64_t>(pair) * M * N;
+    auto store = [&](int m, int n, float sum) {
+        float out = sum * gscale;
+        if (bias != nullptr) out += to_float(bias[n]);
+        if (bad_expert) out = __int_as_float(0x7fc00000);  // quiet NaN
+        y[static_cast<int64_t>(m) * N + n] = from_float<T>(out);
+    };
+
+    if (WK == 1) {  // the warp holds whole sums: C fragment (rows g, g + 8; cols 2t, 2t + 1) straight to y
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = 8 * mt + 2 * t + (i & 1), n = n0 + g + 8 * (i >> 1);
+                if (m < M && n < N) store(m, n, acc[mt][i]);
+            }
+        return;
     }
 
     // C fragment -> shared memory: red[warp][row 0..15][col 0..8 MT).
@@ -170,10 +212,6 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
         red[warp][g + 8][8 * mt + 2 * t + 1] = acc[mt][3];
     }
     __syncthreads();
-
-    const float gscale = a.gs[e] * kDequantUnscale;
-    const T* bias = static_cast<const T*>(a.bias);
-    T* y = static_cast<T*>(a.y) + static_cast<int64_t>(pair) * M * N;
     // Consecutive threads take consecutive rows n (contiguous in y) of one column m.
     for (int idx = threadIdx.x; idx < rows_cta * MT * 8; idx += kGemvThreads) {
         const int nl = idx % rows_cta, m = idx / rows_cta;
@@ -182,31 +220,42 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
         const int wg = nl / 16, r = nl % 16;
         float sum = 0.0f;
         for (int kk = 0; kk < WK; ++kk) sum += red[wg * WK + kk][r][m];
-        float out = sum * gscale;
-        if (bias != nullptr) out += to_float(bias[n]);
-        if (bad_expert) out = __int_as_float(0x7fc00000);  // quiet NaN
-        y[static_cast<int64_t>(m) * N + n] = from_float<T>(out);
+        store(m, n, sum);
     }
 }
 
-// Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
-template <typename T>
-cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, cudaStream_t stream) {
-    const int mt = a.M <= 8 ? 1 : 2;
-    const int wk_log2 = gemv_wk_log2(a.K, 4 * (mt == 1 ? gemv_vecs<1>() : gemv_vecs<2>()));
+// Warps along K (log2). Measured on the H100 (benchmarks/results/linear_notes.md): WK = 4 (32 rows per
+// CTA) is best once that gives at least one CTA per SM, else WK = 8 (16 rows per CTA, more CTAs);
+// WK = 1 or 2 (long K ranges per warp) was slower everywhere. 132 SMs:
+//   4096 x 4096 (q/o): 256 tiles of 16 rows -> 128 CTAs at WK = 4 < 132 -> WK = 8, 256 CTAs
+//   6144 x 4096 (qkv): 384 tiles -> WK = 4, 192 CTAs;  24576 x 4096 (gate_up): WK = 4, 768 CTAs
+// Warps with no step of K left (K < 32 * 4 VEC * WK) only load and stay idle.
+inline int gemv_wk_log2(int64_t tiles, int num_sms) { return tiles * 4 / kGemvWarps >= num_sms ? 2 : 3; }
+
+template <typename T, int MT, int VEC>
+cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
+    if (static_cast<int64_t>(a.N) * a.K / 2 >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit offsets
+    const int64_t tiles = static_cast<int64_t>((a.N + 15) / 16) * pairs;
+    const int wk_log2 = gemv_wk_log2(tiles, num_sms);
     const int rows_cta = (kGemvWarps >> wk_log2) * 16;
     const int grid_x = (a.N + rows_cta - 1) / rows_cta;
     constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
     for (int p0 = 0; p0 < pairs; p0 += kMaxGridY) {
         const dim3 grid(grid_x, pairs - p0 < kMaxGridY ? pairs - p0 : kMaxGridY);
-        if (mt == 1)
-            nvfp4_gemv_kernel<T, 1><<<grid, kGemvThreads, 0, stream>>>(a, wk_log2, p0);
-        else
-            nvfp4_gemv_kernel<T, 2><<<grid, kGemvThreads, 0, stream>>>(a, wk_log2, p0);
+        nvfp4_gemv_kernel<T, MT, VEC><<<grid, kGemvThreads, 0, stream>>>(a, wk_log2, p0);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
+}
+
+// Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
+// One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane); two
+// m-tiles hold twice the x fragments, so 2 vectors keep the kernel within 128 registers.
+template <typename T>
+cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
+    if (a.M > 8) return launch_gemv_shape<T, 2, 2>(a, pairs, num_sms, stream);
+    return launch_gemv_shape<T, 1, 4>(a, pairs, num_sms, stream);
 }
 
 }  // namespace adallm

@@ -71,6 +71,18 @@ at::Tensor contiguous16(const at::Tensor& t) {
     return aligned16(c) ? c : c.clone();
 }
 
+// Multiprocessors of a device (asked once per device: the GEMV sizes its grid by it).
+int sm_count(int device) {
+    static int cache[64] = {};
+    TORCH_CHECK(device >= 0 && device < 64, "adallm: device index ", device, " out of range");
+    if (cache[device] == 0) {
+        int n = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+        cache[device] = n;
+    }
+    return cache[device];
+}
+
 template <typename T>
 void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
               const at::Tensor& global_scale, const c10::optional<at::Tensor>& bias, at::Tensor& y,
@@ -89,7 +101,7 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
     a.M = static_cast<int>(m);
     a.N = static_cast<int>(n);
     a.K = static_cast<int>(k);
-    check_cuda_error(launch_nvfp4_gemv<T>(a, pairs, c10::cuda::getCurrentCUDAStream()), "nvfp4_gemv");
+    check_cuda_error(launch_nvfp4_gemv<T>(a, pairs, sm_count(x.get_device()), c10::cuda::getCurrentCUDAStream()), "nvfp4_gemv");
 }
 
 // Dequantizes one [N, K] NVFP4 weight to dtype (for cuBLAS).

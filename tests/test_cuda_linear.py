@@ -7,6 +7,7 @@
   vs the same float64 reference, plus a floor. Outputs come from poisoned memory (NaN-filled blocks of
   the caching allocator), so an unwritten element fails.
 """
+import os
 import subprocess
 import sys
 
@@ -196,42 +197,43 @@ def test_opcheck_cuda_paths():
                           (torch.randn(2, 64, device=DEV, dtype=torch.bfloat16), ew, es, eg, ids), test_utils=utils)
 
 
-def test_errors():
+def _check_errors():
+    """Every bad argument raises ValueError naming the problem (run in a child process, see below)."""
     w, s, g = random_nvfp4(32, 64)
     x = torch.randn(2, 64, device=DEV, dtype=torch.bfloat16)
     lin = torch.ops.adallm.nvfp4_linear
-    with pytest.raises(ValueError, match="x must be bfloat16 or float16"):
-        lin(x.float(), w, s, g, None)
-    with pytest.raises(ValueError, match="must be contiguous"):
-        lin(x, torch.randint(0, 255, (64, 32), dtype=torch.uint8, device=DEV).t(), s, g, None)
-    with pytest.raises(ValueError, match="x has K = 48"):
-        lin(x[:, :48], w, s, g, None)
-    with pytest.raises(ValueError, match="x is on cpu"):
-        lin(x.cpu(), w, s, g, None)
-    with pytest.raises(ValueError, match="weight_scale must be float8_e4m3fn"):
-        lin(x, w, s.float(), g, None)
-    with pytest.raises(ValueError, match="bias must be"):
-        lin(x, w, s, g, torch.zeros(31, device=DEV, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="K = 40 must be a multiple of 16"):
-        torch.ops.adallm.nvfp4_quantize(torch.randn(4, 40, device=DEV), g)
-    ew, es, eg = random_nvfp4(32, 64, experts=2)
-    with pytest.raises(ValueError, match="expert_ids must be int32/int64"):
-        torch.ops.adallm.nvfp4_moe_linear(x, ew, es, eg, torch.zeros(2, 2, device=DEV))
+    cases = [
+        (lambda: lin(x.float(), w, s, g, None), "x must be bfloat16 or float16"),
+        (lambda: lin(x, torch.randint(0, 255, (64, 32), dtype=torch.uint8, device=DEV).t(), s, g, None),
+         "must be contiguous"),
+        (lambda: lin(x[:, :48], w, s, g, None), "x has K = 48"),
+        (lambda: lin(x.cpu(), w, s, g, None), "x is on cpu"),
+        (lambda: lin(x, w, s.float(), g, None), "weight_scale must be float8_e4m3fn"),
+        (lambda: lin(x, w, s, g, torch.zeros(31, device=DEV, dtype=torch.bfloat16)), "bias must be"),
+        (lambda: lin(torch.randn(2, 40, device=DEV, dtype=torch.bfloat16),
+                     torch.randint(0, 255, (32, 20), dtype=torch.uint8, device=DEV),
+                     torch.ones(32, 2, device=DEV).to(torch.float8_e4m3fn), g, None), "must be a multiple of 16"),
+        (lambda: torch.ops.adallm.nvfp4_quantize(torch.randn(4, 40, device=DEV), g), "K = 40 must be a multiple of 16"),
+        (lambda: torch.ops.adallm.nvfp4_moe_linear(x, *random_nvfp4(32, 64, experts=2), torch.zeros(2, 2, device=DEV)),
+         "expert_ids must be int32/int64"),
+    ]
+    for call, msg in cases:
+        print("case:", msg, flush=True)
+        with pytest.raises(ValueError, match=msg):
+            call()
+    print("all bad inputs raised ValueError", flush=True)
 
 
-def test_error_k_not_multiple_of_16_in_subprocess():
-    """K % 16 != 0 raises ValueError. Run in a child process: on the H100 machine (torch 2.11) this call
-    crashed the interpreter (segfault) in two runs, cause not found yet; a crash must fail this test only."""
-    code = (
-        "import torch, adallm_ops\n"
-        "w = torch.randint(0, 255, (32, 20), dtype=torch.uint8, device='cuda')\n"
-        "s = torch.ones(32, 2, device='cuda').to(torch.float8_e4m3fn)\n"
-        "x = torch.randn(2, 40, device='cuda', dtype=torch.bfloat16)\n"
-        "try:\n"
-        "    torch.ops.adallm.nvfp4_linear(x, w, s, torch.tensor(1.0, device='cuda'), None)\n"
-        "except ValueError as e:\n"
-        "    print('ValueError', e)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, f"child exited with {run.returncode}: {run.stderr[-2000:]}"
-    assert "ValueError" in run.stdout and "must be a multiple of 16" in run.stdout, run.stdout
+def test_errors():
+    # In a child process: on the H100 machine (torch 2.11) raising these errors crashed the interpreter
+    # (segfault) in several runs, each time after many other tests in the same process (never alone;
+    # cause not found yet). A crash must fail this test only, not the GPU test session.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    run = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, timeout=600,
+                         cwd=root, env=env)
+    assert run.returncode == 0, f"child exited with {run.returncode}:\n{run.stdout}\n{run.stderr[-3000:]}"
+
+
+if __name__ == "__main__":
+    _check_errors()
