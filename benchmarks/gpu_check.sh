@@ -9,6 +9,8 @@ OUT=${OUT:-/tmp/adallm-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ADALLM_CUDA_ARCHS=${ADALLM_CUDA_ARCHS:-"8.0;8.9;9.0"}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
+# For every process, not just the build stage: the JIT cache key includes the flags.
+export ADALLM_EXTRA_CUDA_CFLAGS="-Xptxas -v"
 # The image has no network and no build backend to spare: import the checkout directly.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # the device copy may have no .git
@@ -19,7 +21,7 @@ note() { echo "$*" | tee -a "$summary"; }
 
 build() {
   # Ahead-of-time build with the ptxas resource report: registers, spills, stack per kernel and arch.
-  ADALLM_EXTRA_CUDA_CFLAGS="-Xptxas -v" python3 -m adallm_ops.build -v > "$OUT/build.txt" 2>&1
+  python3 -m adallm_ops.build -v > "$OUT/build.txt" 2>&1
   note "build rc=$? warnings=$(grep -c -i 'warning' "$OUT/build.txt")" \
        "spilling=$(grep -E 'bytes spill' "$OUT/build.txt" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads')"
 }
