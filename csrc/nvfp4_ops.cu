@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "check.h"
 #include "nvfp4_gemv.cuh"
 #include "nvfp4_quant.cuh"
 
@@ -19,63 +20,49 @@ namespace {
 
 constexpr int64_t kBlock = 16;  // NVFP4 elements per E4M3 block scale
 
-// Numbers and shapes in error messages are formatted here (std::to_string), never by streaming an
-// integer into the std::ostringstream that TORCH_CHECK builds inside this extension. On the H100
-// machine (torch 2.11) every message that streamed an integer (K = 40, x has K = 48) crashed the
-// process with a segfault, in a fresh process too, while the messages without one (dtype names,
-// plain text, devices: those are formatted inside libc10) raised fine. Likely cause: the integer
-// overload of operator<< in this .so reaches a locale facet that the loaded libstdc++ lays out
-// differently (not confirmed on the GPU; the child-process test in tests/test_cuda_linear.py checks it).
-std::string num(int64_t v) { return std::to_string(v); }
-std::string shape(at::IntArrayRef s) {
-    std::string out = "[";
-    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + "]";
-}
-
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 void check_cuda_error(cudaError_t err, const char* what) {
-    TORCH_CHECK(err == cudaSuccess, "adallm: ", what, " failed to launch: ", cudaGetErrorString(err));
+    ADALLM_CHECK_RUNTIME(err == cudaSuccess, "adallm: ", what, " failed to launch: ", cudaGetErrorString(err));
 }
 
 // Same checks and messages as ops.check_nvfp4_weight. Returns (N, K).
 std::pair<int64_t, int64_t> check_nvfp4_weight(const at::Tensor& weight, const at::Tensor& weight_scale,
                                                const at::Tensor& global_scale, bool experts) {
     const int64_t lead = experts ? 1 : 0;
-    TORCH_CHECK_VALUE(weight.scalar_type() == at::kByte, "adallm: weight must be uint8 (packed FP4), got ",
+    ADALLM_CHECK(weight.scalar_type() == at::kByte, "adallm: weight must be uint8 (packed FP4), got ",
                       weight.scalar_type());
-    TORCH_CHECK_VALUE(weight_scale.scalar_type() == at::kFloat8_e4m3fn,
+    ADALLM_CHECK(weight_scale.scalar_type() == at::kFloat8_e4m3fn,
                       "adallm: weight_scale must be float8_e4m3fn, got ", weight_scale.scalar_type());
-    TORCH_CHECK_VALUE(global_scale.scalar_type() == at::kFloat, "adallm: weight_global_scale must be float32, got ",
+    ADALLM_CHECK(global_scale.scalar_type() == at::kFloat, "adallm: weight_global_scale must be float32, got ",
                       global_scale.scalar_type());
-    TORCH_CHECK_VALUE(weight.dim() == 2 + lead, "adallm: weight must be ", num(2 + lead), "-D, got shape ",
-                      shape(weight.sizes()));
-    TORCH_CHECK_VALUE(weight.is_contiguous() && weight_scale.is_contiguous(),
+    ADALLM_CHECK(weight.dim() == 2 + lead, "adallm: weight must be ", 2 + lead, "-D, got shape ",
+                      weight.sizes());
+    ADALLM_CHECK(weight.is_contiguous() && weight_scale.is_contiguous(),
                       "adallm: weight and weight_scale must be contiguous");
     const int64_t n = weight.size(lead), k = weight.size(lead + 1) * 2;
-    TORCH_CHECK_VALUE(k % kBlock == 0, "adallm: K = ", num(k), " must be a multiple of ", num(kBlock));
+    ADALLM_CHECK(k % kBlock == 0, "adallm: K = ", k, " must be a multiple of ", kBlock);
     std::vector<int64_t> want(weight.sizes().begin(), weight.sizes().begin() + lead);
     const std::vector<int64_t> want_global = want;
     want.push_back(n);
     want.push_back(k / kBlock);
-    TORCH_CHECK_VALUE(weight_scale.sizes() == at::IntArrayRef(want), "adallm: weight_scale shape ",
-                      shape(weight_scale.sizes()), " does not match weight ", shape(weight.sizes()), " (expected ",
-                      shape(want), ")");
-    TORCH_CHECK_VALUE(global_scale.sizes() == at::IntArrayRef(want_global),
-                      "adallm: weight_global_scale must have shape ", shape(want_global), ", got ",
-                      shape(global_scale.sizes()));
-    TORCH_CHECK_VALUE(weight.device() == weight_scale.device() && weight.device() == global_scale.device(),
+    ADALLM_CHECK(weight_scale.sizes() == at::IntArrayRef(want), "adallm: weight_scale shape ",
+                      weight_scale.sizes(), " does not match weight ", weight.sizes(), " (expected ",
+                      at::IntArrayRef(want), ")");
+    ADALLM_CHECK(global_scale.sizes() == at::IntArrayRef(want_global),
+                      "adallm: weight_global_scale must have shape ", at::IntArrayRef(want_global), ", got ",
+                      global_scale.sizes());
+    ADALLM_CHECK(weight.device() == weight_scale.device() && weight.device() == global_scale.device(),
                       "adallm: weight, weight_scale and weight_global_scale must be on one device");
     return {n, k};
 }
 
 void check_activation(const at::Tensor& x, int64_t k, const at::Tensor& weight) {
-    TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+    ADALLM_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
                       "adallm: x must be bfloat16 or float16, got ", x.scalar_type());
-    TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "adallm: x has K = ", num(x.dim() ? x.size(-1) : 0),
+    ADALLM_CHECK(x.dim() >= 1 && x.size(-1) == k, "adallm: x has K = ", (x.dim() ? x.size(-1) : int64_t(0)),
                       " but the weight has K = ", k);
-    TORCH_CHECK_VALUE(x.device() == weight.device(), "adallm: x is on ", x.device(), " but the weight is on ",
+    ADALLM_CHECK(x.device() == weight.device(), "adallm: x is on ", x.device(), " but the weight is on ",
                       weight.device());
 }
 
@@ -88,7 +75,7 @@ at::Tensor contiguous16(const at::Tensor& t) {
 // Multiprocessors of a device (asked once per device: the GEMV sizes its grid by it).
 int sm_count(int device) {
     static int cache[64] = {};
-    TORCH_CHECK(device >= 0 && device < 64, "adallm: device index ", num(device), " out of range");
+    ADALLM_CHECK_RUNTIME(device >= 0 && device < 64, "adallm: device index ", device, " out of range");
     if (cache[device] == 0) {
         int n = 0;
         C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
@@ -143,9 +130,9 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
     const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, false);
     check_activation(x, k, weight);
     if (bias.has_value())
-        TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type(),
-                          "adallm: bias must be ", x.scalar_type(), " [", num(n), "]");
-    TORCH_CHECK_VALUE(!bias.has_value() || bias->device() == x.device(), "adallm: bias is on ", bias->device(),
+        ADALLM_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type(),
+                          "adallm: bias must be ", x.scalar_type(), " [", n, "]");
+    ADALLM_CHECK(!bias.has_value() || bias->device() == x.device(), "adallm: bias is on ", bias->device(),
                       " but x is on ", x.device());
     const c10::cuda::CUDAGuard guard(x.device());
     const at::Tensor x2 = contiguous16(x.reshape({-1, k}));
@@ -175,22 +162,22 @@ at::Tensor nvfp4_moe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, 
                                  const at::Tensor& weight_global_scale, const at::Tensor& expert_ids) {
     const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, true);
     check_activation(x, k, weight);
-    TORCH_CHECK_VALUE((expert_ids.scalar_type() == at::kInt || expert_ids.scalar_type() == at::kLong) &&
+    ADALLM_CHECK((expert_ids.scalar_type() == at::kInt || expert_ids.scalar_type() == at::kLong) &&
                           expert_ids.dim() == 2,
                       "adallm: expert_ids must be int32/int64 [T, topk], got ", expert_ids.scalar_type(), " ",
-                      shape(expert_ids.sizes()));
+                      expert_ids.sizes());
     const int64_t t = expert_ids.size(0), topk = expert_ids.size(1);
     const bool shared_x = x.dim() == 2 && x.size(0) == t;
-    TORCH_CHECK_VALUE(shared_x || (x.dim() == 3 && x.size(0) == t && x.size(1) == topk), "adallm: x must be [", num(t),
-                      ", ", num(k), "] or [", num(t), ", ", num(topk), ", ", num(k), "] to match expert_ids, got ",
-                      shape(x.sizes()));
-    TORCH_CHECK_VALUE(expert_ids.device() == weight.device(), "adallm: expert_ids is on ", expert_ids.device(),
+    ADALLM_CHECK(shared_x || (x.dim() == 3 && x.size(0) == t && x.size(1) == topk), "adallm: x must be [", t,
+                      ", ", k, "] or [", t, ", ", topk, ", ", k, "] to match expert_ids, got ",
+                      x.sizes());
+    ADALLM_CHECK(expert_ids.device() == weight.device(), "adallm: expert_ids is on ", expert_ids.device(),
                       " but the weight is on ", weight.device());
     const c10::cuda::CUDAGuard guard(x.device());
     at::Tensor y = at::empty({t, topk, n}, x.options());
     const int64_t pairs = t * topk;
     if (pairs == 0 || n == 0) return y;
-    TORCH_CHECK(pairs <= std::numeric_limits<int>::max(), "adallm: too many (token, expert) pairs: ", num(pairs));
+    ADALLM_CHECK_RUNTIME(pairs <= std::numeric_limits<int>::max(), "adallm: too many (token, expert) pairs: ", pairs);
     const at::Tensor ids = expert_ids.contiguous();
     if (k % 32 != 0 || !aligned16(weight)) {
         // Awkward K: dequantize each routed expert (correct, slow; real models have K % 32 == 0).
@@ -201,7 +188,7 @@ at::Tensor nvfp4_moe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, 
         const at::Tensor uniq = std::get<0>(at::_unique(flat.cpu()));
         for (int64_t i = 0; i < uniq.numel(); ++i) {
             const int64_t e = uniq[i].item<int64_t>();
-            TORCH_CHECK_VALUE(e >= 0 && e < weight.size(0), "adallm: expert_ids must lie in [0, ", num(weight.size(0)),
+            ADALLM_CHECK(e >= 0 && e < weight.size(0), "adallm: expert_ids must lie in [0, ", weight.size(0),
                               ")");
             const at::Tensor sel = (flat == e).nonzero().squeeze(1);
             const at::Tensor w = dequantize(weight[e], weight_scale[e], weight_global_scale[e], n, k, x.scalar_type());
@@ -221,15 +208,15 @@ at::Tensor nvfp4_moe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, 
 
 std::tuple<at::Tensor, at::Tensor> nvfp4_quantize_cuda(const at::Tensor& x, const at::Tensor& global_scale) {
     // Same checks and messages as ops.check_quantize_args.
-    TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+    ADALLM_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
                           x.scalar_type() == at::kFloat,
                       "adallm: x must be bfloat16, float16 or float32, got ", x.scalar_type());
-    TORCH_CHECK_VALUE(x.dim() == 2, "adallm: x must be 2-D [N, K], got shape ", shape(x.sizes()));
-    TORCH_CHECK_VALUE(x.size(1) % kBlock == 0, "adallm: K = ", num(x.size(1)), " must be a multiple of ", num(kBlock));
-    TORCH_CHECK_VALUE(global_scale.scalar_type() == at::kFloat && global_scale.dim() == 0,
+    ADALLM_CHECK(x.dim() == 2, "adallm: x must be 2-D [N, K], got shape ", x.sizes());
+    ADALLM_CHECK(x.size(1) % kBlock == 0, "adallm: K = ", x.size(1), " must be a multiple of ", kBlock);
+    ADALLM_CHECK(global_scale.scalar_type() == at::kFloat && global_scale.dim() == 0,
                       "adallm: global_scale must be a float32 scalar tensor, got ", global_scale.scalar_type(), " ",
-                      shape(global_scale.sizes()));
-    TORCH_CHECK_VALUE(x.device() == global_scale.device(), "adallm: x and global_scale must be on one device");
+                      global_scale.sizes());
+    ADALLM_CHECK(x.device() == global_scale.device(), "adallm: x and global_scale must be on one device");
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t n = x.size(0), k = x.size(1);
     const at::Tensor xc = contiguous16(x);
