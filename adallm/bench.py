@@ -99,9 +99,8 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
-            **generate_kwargs) -> dict:
-    """Times generate: time to first token and decode tok/s (per sequence) at one batch size."""
+def _generate(model: nn.Module, batch: int, prompt_len: int, **generate_kwargs):
+    """A random prompt and a greedy generate(n) closure over it."""
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab - 100, (batch, prompt_len), device=model.device)
     mask = torch.ones_like(ids)
@@ -110,6 +109,13 @@ def measure(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, repe
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, **generate_kwargs)
 
+    return gen
+
+
+def measure(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
+            **generate_kwargs) -> dict:
+    """Times generate: time to first token and decode tok/s (per sequence) at one batch size."""
+    gen = _generate(model, batch, prompt_len, **generate_kwargs)
     gen(new_tokens)  # warm-up (compiles)
     gen(1)
     torch.cuda.reset_peak_memory_stats()
@@ -119,6 +125,13 @@ def measure(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, repe
     return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ttft_ms=ttft * 1e3,
                 decode_ms_per_step=decode_s * 1e3, decode_tok_s=batch / decode_s,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def measure_prefill(model: nn.Module, prompt_len: int, repeats: int = 3, **generate_kwargs) -> float:
+    """Prefill tok/s at batch 1: generate of one token (no decode step, so nothing to compile)."""
+    gen = _generate(model, 1, prompt_len, **generate_kwargs)
+    gen(1)
+    return prompt_len / _timed(lambda: gen(1), repeats)
 
 
 def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 128, prefill_len: int = 2048,
@@ -156,9 +169,9 @@ def _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, b
         r["pct_of_floor"] = 100 * floor_s / (r["decode_ms_per_step"] / 1e3)
         decode.append(r)
         torch.cuda.empty_cache()
-    pre = measure(model, 1, prefill_len, 2, repeats, **kw)
-    return dict(weight_bytes_per_token=decode_bytes_per_token(model), decode=decode,
-                prefill_tok_s=prefill_len / (pre["ttft_ms"] / 1e3), prefill_ttft_ms=pre["ttft_ms"])
+    prefill = measure_prefill(model, prefill_len, repeats, **kw)
+    return dict(weight_bytes_per_token=decode_bytes_per_token(model), decode=decode, prefill_tok_s=prefill,
+                prefill_ttft_ms=prefill_len / prefill * 1e3)
 
 
 def print_table(res: dict) -> None:

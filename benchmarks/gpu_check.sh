@@ -3,7 +3,8 @@
 # end-to-end benchmark, checkpoint-load memory, in the order the stages are named. Logs land in $OUT
 # as they are written (a run cut short still returns what it finished); more than 7 go into one tar.
 #   bash benchmarks/gpu_check.sh [stages...]   stages: build tests sanitize linear attention e2e load
-#   env: E2E_MODELS (default qwen3-8b), E2E_ARGS (extra `adallm bench` flags), GIT_COMMIT
+#   env: E2E_MODELS (default qwen3-8b), E2E_ARGS (extra `adallm bench` flags), TEST_ARGS (pytest
+#   selection), GIT_COMMIT
 set -uo pipefail
 OUT=${OUT:-/tmp/adallm-out}
 mkdir -p "$OUT"
@@ -27,7 +28,7 @@ build() {
 }
 tests() {
   # The CPU tests run in CI; here the GPU ones (CUDA impls against the CPU reference, integration on GPU).
-  python3 -m pytest -q -m "cuda and not slow" -p no:cacheprovider > "$OUT/tests.txt" 2>&1
+  python3 -m pytest -q -m "cuda and not slow" -p no:cacheprovider ${TEST_ARGS:-} > "$OUT/tests.txt" 2>&1
   note "tests: $(tail -1 "$OUT/tests.txt")"
 }
 sanitize() {
