@@ -10,6 +10,7 @@ bandwidth measured in the same process.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -146,6 +147,12 @@ def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 
     if baseline:
         rows["bf16"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw,
                                     cache_implementation="static")
+        # Drop the baseline's compiled graphs (and their CUDA-graph memory pools) before patching, so
+        # AdaLLM's peak memory is its own; the patched model compiles afresh.
+        if hasattr(model, "_compiled_call"):
+            del model._compiled_call
+        torch._dynamo.reset()
+        gc.collect()
     torch.cuda.empty_cache()
     adallm.patch(model)
     torch.cuda.empty_cache()
