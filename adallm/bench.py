@@ -174,9 +174,11 @@ def _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, b
         r = measure(model, b, prompt_len, new_tokens, repeats, **kw)
         r["floor_ms"] = floor_s * 1e3
         r["pct_of_floor"] = 100 * floor_s / (r["decode_ms_per_step"] / 1e3)
+        print(json.dumps(r), flush=True)  # as measured: a run cut short still shows what it finished
         decode.append(r)
         torch.cuda.empty_cache()
     prefill = measure_prefill(model, prefill_len, repeats, **kw)
+    print(json.dumps(dict(prefill_len=prefill_len, prefill_tok_s=prefill)), flush=True)
     return dict(weight_bytes_per_token=decode_bytes_per_token(model), decode=decode, prefill_tok_s=prefill,
                 prefill_ttft_ms=prefill_len / prefill * 1e3)
 
