@@ -15,12 +15,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
 import adallm_ops  # noqa: F401  (loads the CUDA kernels)
+from adallm.bench import copy_bandwidth, git_commit
 
 # name: (Hq, Hkv, D)
 SHAPES = {"qwen3-8b": (32, 8, 128), "gemma3-27b": (32, 16, 128), "d256": (16, 8, 256)}
@@ -60,23 +60,6 @@ def graph_time_us(calls: list, min_ms: float = 2.0) -> float:
         times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
     del graph
     return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second of a 2 GiB device-to-device copy (eager, events, median of 20)."""
-    n = 1 << 29
-    src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for i in range(25):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) * 1e-3)
-    del src, dst
-    return 2 * 4 * n / statistics.median(times)
 
 
 def n_sets(bytes_per_set: int, l2: int) -> int:
@@ -125,15 +108,6 @@ def bench_case(b: int, ctx: int, hq: int, hkv: int, d: int, l2: int) -> dict:
     return dict(batch=b, ctx=ctx, hq=hq, hkv=hkv, d=d, fp8_us=us, fp8_bytes=fp8_bytes, fp8_gbps=fp8_bytes / us / 1e3,
                 sdpa_bf16_us=base_us, sdpa_bf16_gbps=bf16_bytes / base_us / 1e3, speedup=base_us / us,
                 rel_err_vs_sdpa_dequantized=err)
-
-
-def git_commit() -> str:
-    if os.environ.get("ADALLM_GIT_COMMIT"):
-        return os.environ["ADALLM_GIT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

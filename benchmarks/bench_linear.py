@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import adallm_ops  # noqa: E402,F401  (registers the ops, builds/loads the CUDA kernels)
+from adallm.bench import copy_bandwidth, git_commit  # noqa: E402
 
 DEV = "cuda"
 # (model, layer, N, K)
@@ -67,16 +66,6 @@ def median_time_us(fn_calls, reps=10, warmup=3):
     del graph
     times.sort()
     return times[len(times) // 2]
-
-
-def copy_bandwidth_gbs():
-    """Best of a D2D memcpy and an SM copy kernel (neg) over 1 GiB, counting bytes read + written."""
-    n = 1 << 28
-    a = torch.randn(n, device=DEV)
-    b = torch.empty_like(a)
-    t = min(median_time_us([lambda: b.copy_(a)] * 4), median_time_us([lambda: torch.neg(a, out=b)] * 4))
-    del a, b
-    return 2 * 4 * n / t / 1e3
 
 
 def random_nvfp4(n, k, copies):
@@ -144,14 +133,6 @@ def bench_moe(n, k, tokens, quick):
     return rows
 
 
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ADALLM_COMMIT", "unknown")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "linear.json"))
@@ -159,7 +140,7 @@ def main():
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
-    bw = copy_bandwidth_gbs()
+    bw = copy_bandwidth() / 1e9
     print(f"{props.name}: copy bandwidth {bw:.0f} GB/s (read + write), L2 {l2 >> 20} MB")
     results = []
     dense = DENSE[:3] if args.quick else DENSE

@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+from adallm.bench import SHAPES  # noqa: E402
+
+QWEN3_8B = {k: v for k, v in SHAPES["qwen3-8b"].items() if k != "model_type"}
 
 
 def write_checkpoint(path: str, layers: int, device: str) -> None:
@@ -166,10 +166,11 @@ def main() -> None:
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(runs[-1]), file=sys.stderr)
     import transformers
+
+    from adallm.bench import git_commit
     res = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
            "torch": torch.__version__, "transformers": transformers.__version__,
-           "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
+           "git_commit": git_commit(),
            "model": f"Qwen3-8B-shaped ({a.layers} layers), ModelOpt NVFP4, lm_head BF16, random weights",
            "checkpoint_bytes": ckpt_bytes, "page_cache": "warm (written just before)" if not a.skip_write else "unknown",
            "runs": runs}
