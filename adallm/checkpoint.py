@@ -136,7 +136,7 @@ class Source:
     """Reads tensors by model-namespace name from one checkpoint, checking shape and dtype."""
 
     def __init__(self, reader: SafetensorsReader, spec: QuantSpec | None, device: torch.device,
-                 method: str = "rtn") -> None:
+                 method: str = nvfp4.DEFAULT_METHOD) -> None:
         self.reader, self.spec, self.device, self.method = reader, spec, device, method
         self.fmt = FORMATS[spec.format] if spec else None
         self.names = normalized_keys(reader)
@@ -369,7 +369,7 @@ def _tied_targets(model: nn.Module) -> dict[str, str]:
 
 
 def from_pretrained(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                    *, quantize_lm_head: bool = False, method: str = "rtn", revision: str | None = None,
+                    *, quantize_lm_head: bool = False, method: str = nvfp4.DEFAULT_METHOD, revision: str | None = None,
                     progress: bool = True) -> nn.Module:
     """Loads a Qwen3 / Qwen3-MoE / Gemma3 checkpoint as an AdaLLM-patched transformers model on `device`.
 

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from . import nvfp4
+
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
@@ -96,7 +98,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="source checkpoint: local directory or Hugging Face Hub id")
     q.add_argument("dst", help="output directory")
     q.add_argument("--device", help="where to quantize (default: cuda if available, else cpu)")
-    q.add_argument("--method", default="rtn", help="NVFP4 quantizer (default rtn: ModelOpt's round-to-nearest)")
+    q.add_argument("--method", default=nvfp4.DEFAULT_METHOD, choices=("rtn", "mse"),
+                   help=f"NVFP4 quantizer: rtn (ModelOpt's round-to-nearest) or mse (per-block scale search, "
+                        f"same format; default {nvfp4.DEFAULT_METHOD})")
     q.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: keep BF16)")
     q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     q.set_defaults(fn=cmd_quantize)

@@ -58,7 +58,7 @@ class NVFP4Experts(nn.Module):
 
     @classmethod
     def from_dense(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: Callable,
-                   method: str = "rtn") -> "NVFP4Experts":
+                   method: str = nvfp4.DEFAULT_METHOD) -> "NVFP4Experts":
         """gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I] -> quantized experts."""
         e, two_i, h = gate_up_proj.shape
         mod = cls(e, h, two_i // 2, act_fn, device=gate_up_proj.device)

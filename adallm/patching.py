@@ -18,6 +18,7 @@ from torch import nn
 from .attention import NVFP4Attention
 from .integrations import Family, families
 from .kv_cache import use_fp8_cache_in_generate
+from . import nvfp4
 from .linear import NVFP4Linear
 from .mlp import NVFP4Experts, NVFP4MLP
 
@@ -30,7 +31,7 @@ def supported_architectures() -> list[str]:
     return [cls.__name__ for f in families() for cls in f.architectures]
 
 
-def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = "rtn",
+def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvfp4.DEFAULT_METHOD,
           quantize: bool = True, progress: bool = True) -> nn.Module:
     """Swaps the decoder's linears for NVFP4 modules (in place, layer by layer) and returns the model.
 
