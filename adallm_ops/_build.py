@@ -6,6 +6,7 @@ torch.utils.cpp_extension.load the first time (a few minutes) and loaded from th
 TORCH_LIBRARY_IMPL(adallm, CUDA, m). `python -m adallm_ops.build` does the same ahead of time.
 
 Targets: sm_80, sm_89 and sm_90 plus the GPU present (override with ADALLM_CUDA_ARCHS="8.9;9.0").
+ADALLM_BUILD_VERBOSE=1 prints the compiler output; ADALLM_EXTRA_CUDA_CFLAGS adds nvcc flags.
 If the build fails or the GPU is older than sm_80, every op's CUDA impl raises one error naming the
 cause: a CUDA tensor never silently runs the CPU reference.
 """
@@ -88,7 +89,7 @@ def load_cuda_kernels() -> None:
                       "(Ampere, Ada, Hopper)")
     else:
         try:
-            build()
+            build(verbose=os.environ.get("ADALLM_BUILD_VERBOSE") == "1")
         except Exception as e:  # the cause is re-raised at every CUDA op call
             load_error = f"building csrc/ failed ({type(e).__name__}: {e})"
     if load_error is not None:

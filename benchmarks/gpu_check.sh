@@ -22,7 +22,7 @@ note() { echo "$*" | tee -a "$summary"; }
 
 build() {
   # Ahead-of-time build with the ptxas resource report: registers, spills, stack per kernel and arch.
-  python3 -m adallm_ops.build -v > "$OUT/build.txt" 2>&1
+  ADALLM_BUILD_VERBOSE=1 python3 -m adallm_ops.build > "$OUT/build.txt" 2>&1
   note "build rc=$? warnings=$(grep -c -i 'warning' "$OUT/build.txt")" \
        "spilling=$(grep -E 'bytes spill' "$OUT/build.txt" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads')"
 }
