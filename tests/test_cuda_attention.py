@@ -36,6 +36,19 @@ def rel_err(a, ref):
     return ((a.double().cpu() - ref).norm() / ref.norm()).item()
 
 
+def capture(fn):
+    """(CUDA graph of fn(), its output buffer), after one warm-up call on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def random_cache(b, hkv, length, d):
     """Every slot filled (so a wrong mask reads real values), with a spread of per-row magnitudes."""
     rows = torch.randn(b, hkv, length, d) * torch.exp(torch.randn(b, hkv, length, 1))
@@ -116,14 +129,7 @@ def test_decode_repeatable_and_graph_safe():
     call = lambda: torch.ops.adallm.fp8_decode_attention(*args, sl, st, 0.1, 0, 0.0)  # noqa: E731
     first = call()
     assert torch.equal(first, call())
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture(call)
     for lens in ([6000, 2500], [77, 5999], [3000, 1000]):
         sl.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
@@ -209,14 +215,7 @@ def test_kv_write_then_decode_graph():
         torch.ops.adallm.fp8_kv_write(new_k, new_v, kc, vc, ks, vs, pos)
         return torch.ops.adallm.fp8_decode_attention(q, kc, vc, ks, vs, sl, st, d ** -0.5, length, 0.0)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     for p in range(150):
         new_k.copy_(k_all[:, :, p:p + 1])
         new_v.copy_(v_all[:, :, p:p + 1])
