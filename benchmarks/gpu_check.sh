@@ -57,7 +57,9 @@ load() {
 { nvidia-smi; python3 -c "import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)"; } \
   > "$OUT/env.txt" 2>&1
 for stage in ${*:-build tests sanitize linear attention e2e load}; do
+  start=$SECONDS
   "$stage"
+  note "  ($stage took $((SECONDS - start)) s)"
 done
 cd "$OUT" && files=$(ls | grep -v -x summary.txt)
 if [ "$(echo "$files" | wc -l)" -gt 7 ]; then tar -czf gpu_check.tar.gz $files && rm -f $files; fi
