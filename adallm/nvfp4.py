@@ -119,7 +119,9 @@ def _mse_scales(blocks: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.where(amax == 0, torch.ones_like(amax), scale.float()).to(torch.float8_e4m3fn)
 
 
-_MSE_ROWS_ELEMENTS = 1 << 24  # rows quantized at a time: bounds the search's fp32 temporaries to ~64 MB each
+# Rows quantized at a time: bounds the search's fp32 temporaries to ~16 MB each, so quantizing a layer
+# (patch, quantize-on-load) peaks at a small fraction of that layer on top of it.
+_MSE_ROWS_ELEMENTS = 1 << 22
 
 
 def _quantize_mse(w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

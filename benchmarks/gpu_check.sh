@@ -2,9 +2,9 @@
 # One run on the GPU machine: build (ptxas report), GPU tests, compute-sanitizer, kernel benchmarks,
 # end-to-end benchmark, checkpoint-load memory, in the order the stages are named. Logs land in $OUT
 # as they are written (a run cut short still returns what it finished); more than 7 go into one tar.
-#   bash benchmarks/gpu_check.sh [stages...]   stages: build tests sanitize linear attention e2e load
+#   bash benchmarks/gpu_check.sh [stages...]   stages: build tests sanitize linear attention e2e load profile
 #   env: E2E_MODELS (default qwen3-8b), E2E_ARGS (extra `adallm bench` flags), TEST_ARGS (pytest
-#   selection), GIT_COMMIT
+#   selection), PROFILE_ARGS (extra profile_decode.py flags), GIT_COMMIT
 set -uo pipefail
 OUT=${OUT:-/tmp/adallm-out}
 mkdir -p "$OUT"
@@ -47,6 +47,13 @@ e2e() {
   for m in ${E2E_MODELS:-qwen3-8b}; do
     python3 benchmarks/e2e.py "$m" ${E2E_ARGS:-} --out "$OUT/e2e_$m.json" > "$OUT/e2e_$m.txt" 2>&1
     note "e2e $m rc=$?"
+  done
+}
+profile() {
+  for impl in adallm bf16; do
+    python3 benchmarks/profile_decode.py ${E2E_MODELS:-qwen3-8b} $([ $impl = bf16 ] && echo --bf16) ${PROFILE_ARGS:-} \
+      > "$OUT/profile_$impl.txt" 2>&1
+    note "profile $impl rc=$? $(grep -m1 'ms/step' "$OUT/profile_$impl.txt")"
   done
 }
 load() {

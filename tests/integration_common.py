@@ -273,8 +273,11 @@ def check_greedy(family: str, prompt_len: int = 12, new: int = 64, device: str =
 
 def check_batch_matches_alone(family: str, lengths=(20, 9), new: int = 32, device: str = "cpu") -> None:
     """Each row of a left-padded batch computes what it computes alone: the alone greedy continuation,
-    teacher-forced through the batch, gives the same logits within bf16 noise (measured ~0.7% of the
-    largest logit; a padding bug costs tens of %) and the same greedy choices up to near-ties."""
+    teacher-forced through the batch, gives the same logits within bf16 noise and the same greedy choices
+    up to near-ties. Noise measured, as a fraction of the largest logit: CPU up to 1.5% (Gemma3's padded
+    row), CUDA up to 2.6% (its SDPA prefill kernels round differently with and without a mask); a padding
+    or window bug costs tens of %. The alone tokens come from eager decoding, the same path as the
+    teacher forcing (a compiled decode step may break near-ties the other way)."""
     torch.manual_seed(2)
     model = tiny_model(family, device=device)
     adallm.patch(model, progress=False)
@@ -283,7 +286,7 @@ def check_batch_matches_alone(family: str, lengths=(20, 9), new: int = 32, devic
     ids, mask = left_pad(rows)
     n = ids.shape[1]
     for i, row in enumerate(rows):
-        alone, _ = generate(model, row[None], new=new)
+        alone, _ = generate(model, row[None], new=new, disable_compile=True)
         seq_a = torch.cat((row[None], alone), dim=1)
         la = teacher_force(model, adallm.Fp8KVCache(model.config, seq_a.shape[1]), seq_a,
                            list(range(len(row), seq_a.shape[1])), torch.ones_like(seq_a))[0, len(row) - 1:]
@@ -293,7 +296,7 @@ def check_batch_matches_alone(family: str, lengths=(20, 9), new: int = 32, devic
                            list(range(n, seq_b.shape[1])), mask_b)[i, n - 1:]
         scale = la.abs().max()
         diff = float((la - lb).abs().max() / scale)
-        assert diff <= 0.02, f"{family} row {i}: batch and alone logits differ by {diff:.4f} of the largest logit"
+        assert diff <= (0.02 if device == "cpu" else 0.04), f"{family} row {i}: batch and alone logits differ by {diff:.4f} of the largest logit"
         margin = lb.amax(-1) - lb.gather(-1, alone[0].unsqueeze(-1)).squeeze(-1)
         assert (margin <= 2 * (la - lb).abs().amax(-1) + 1e-3 * scale).all(), f"{family} row {i}: greedy differs"
 

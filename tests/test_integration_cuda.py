@@ -34,7 +34,10 @@ def test_multi_turn_continuation(family):
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_generate_auto_compile_matches_eager(family):
     """generate on CUDA compiles its decode step (Fp8KVCache is compileable; mode reduce-overhead = CUDA
-    graphs) with no graph break; its tokens are eager's, up to near-ties of eager's own logits."""
+    graphs) with no graph break. Inductor fuses the norms and RoPE in other roundings than eager, so the
+    two may break a near-tie differently, after which a tiny random model's continuations part: the
+    compiled tokens must equal eager's up to the first step where eager's own top two logits are within
+    1% of the largest logit, and every compiled token must be (near) eager's choice given its prefix."""
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
     model = tiny_model(family, device="cuda")
@@ -46,12 +49,22 @@ def test_generate_auto_compile_matches_eager(family):
     assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile the decode step"
     assert not counters["graph_break"], dict(counters["graph_break"])
     eager, _ = generate(model, ids, new=48, disable_compile=True)
-    seq = torch.cat((ids, compiled), dim=1)
-    logits = teacher_force(model, adallm.Fp8KVCache(model.config, seq.shape[1]), seq,
-                           list(range(20, seq.shape[1])), torch.ones_like(seq))[:, 19:]
+
+    def eager_logits(tokens):
+        seq = torch.cat((ids, tokens), dim=1)
+        return teacher_force(model, adallm.Fp8KVCache(model.config, seq.shape[1]), seq,
+                             list(range(20, seq.shape[1])), torch.ones_like(seq))[:, 19:].cpu()
+
+    logits = eager_logits(compiled)
+    tol = 0.01 * logits.abs().amax()
     margin = logits.amax(-1) - logits.gather(-1, compiled.unsqueeze(-1)).squeeze(-1)
-    assert (margin <= 0.01 * logits.abs().amax()).all(), "a compiled token is not (near) eager's choice"
-    assert (compiled == eager).double().mean() >= 0.9, (compiled, eager)
+    assert (margin <= tol).all(), "a compiled token is not (near) eager's choice"
+    top2 = eager_logits(eager).topk(2, dim=-1).values
+    for row in range(len(ids)):
+        near_ties = ((top2[row, :, 0] - top2[row, :, 1]) <= tol).nonzero()
+        agree = int(near_ties[0]) if len(near_ties) else compiled.shape[1]
+        assert agree >= 8, f"{family} row {row}: eager has a near-tie at step {agree}; the test needs a longer clear run"
+        assert torch.equal(compiled[row, :agree], eager[row, :agree]), (row, agree, compiled[row], eager[row])
 
 
 def test_patch_peak_memory_qwen3_8b_shapes():
