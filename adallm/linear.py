@@ -34,11 +34,13 @@ class NVFP4Linear(nn.Module):
     @classmethod
     def from_dense(cls, linears: list[nn.Linear], parts: tuple[str, ...] = (),
                    global_scale: torch.Tensor | None = None,
-                   method: str = nvfp4.DEFAULT_METHOD) -> "NVFP4Linear":
-        """Quantizes one nn.Linear, or a fused group of them (one shared global scale), into a new module."""
+                   method: str = nvfp4.DEFAULT_METHOD, hessian: torch.Tensor | None = None) -> "NVFP4Linear":
+        """Quantizes one nn.Linear, or a fused group of them (one shared global scale), into a new module.
+        hessian fp32 [K, K]: method "gptq"'s calibration statistics (the parts share their input)."""
         weights = [lin.weight.detach() for lin in linears]
         g = nvfp4.global_scale_for(*weights) if global_scale is None else global_scale
-        qs = [nvfp4.quantize(w, g, name=p or "weight", method=method) for w, p in zip(weights, parts or ("",) * len(weights))]
+        qs = [nvfp4.quantize(w, g, name=p or "weight", method=method, hessian=hessian)
+              for w, p in zip(weights, parts or ("",) * len(weights))]
         has_bias = linears[0].bias is not None
         sizes = tuple(w.shape[0] for w in weights)
         mod = cls(weights[0].shape[1], sum(sizes), has_bias, parts, sizes if parts else (),

@@ -58,15 +58,18 @@ class NVFP4Experts(nn.Module):
 
     @classmethod
     def from_dense(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: Callable,
-                   method: str = nvfp4.DEFAULT_METHOD) -> "NVFP4Experts":
-        """gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I] -> quantized experts."""
+                   method: str = nvfp4.DEFAULT_METHOD,
+                   hessians: tuple[torch.Tensor, torch.Tensor] | None = None) -> "NVFP4Experts":
+        """gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I] -> quantized experts.
+        hessians: method "gptq"'s per-expert calibration statistics, fp32 ([E, H, H], [E, I, I])."""
         e, two_i, h = gate_up_proj.shape
         mod = cls(e, h, two_i // 2, act_fn, device=gate_up_proj.device)
-        for name, w in (("gate_up", gate_up_proj), ("down", down_proj)):
+        for i, (name, w) in enumerate((("gate_up", gate_up_proj), ("down", down_proj))):
             packed, scale, glob = getattr(mod, f"{name}_weight"), getattr(mod, f"{name}_weight_scale"), \
                 getattr(mod, f"{name}_weight_global_scale")
             for j in range(e):
-                q = nvfp4.quantize(w[j].detach(), name=f"experts.{name}_proj[{j}]", method=method)
+                q = nvfp4.quantize(w[j].detach(), name=f"experts.{name}_proj[{j}]", method=method,
+                                   hessian=None if hessians is None else hessians[i][j])
                 packed[j], scale[j], glob[j] = q.weight, q.weight_scale, q.weight_global_scale
         return mod
 

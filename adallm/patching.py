@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attention import NVFP4Attention
+from .calibration import check_calibration, quantize_layers
 from .integrations import Family, families
 from .kv_cache import use_fp8_cache_in_generate
 from . import nvfp4
@@ -32,13 +33,18 @@ def supported_architectures() -> list[str]:
 
 
 def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvfp4.DEFAULT_METHOD,
-          quantize: bool = True, progress: bool = True) -> nn.Module:
+          calibration: torch.Tensor | None = None, quantize: bool = True, progress: bool = True) -> nn.Module:
     """Swaps the decoder's linears for NVFP4 modules (in place, layer by layer) and returns the model.
 
     quantize=True: each BF16 weight is quantized with `method` (adallm.nvfp4.METHODS) on its device and
     freed when its layer is done, so peak memory is the model plus about one layer.
     quantize=False: the same module tree with empty packed buffers on the model's device (may be "meta"),
     for a checkpoint loader to fill by name (see this module's docstring).
+    method="gptq" needs `calibration`: token ids LongTensor [n, L] (e.g.
+    adallm.calibration.self_generated_calibration(model), made before patching). The layers are then
+    quantized in order, each from hessians of its inputs on that text with the earlier layers already
+    quantized (adallm/calibration.py); the model must be bfloat16/float16 (the quantized layers run through
+    the adallm ops). Extra peak memory: the calibration activations and one layer's hessians.
     quantize_lm_head: also make lm_head NVFP4 (default: it stays in the model's dtype).
     After patching, `model.generate` uses an Fp8KVCache unless the call passes a cache or a cache_implementation.
     """
@@ -53,16 +59,35 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
     if quantize and any(p.device.type == "meta" for p in text.layers.parameters()):
         raise ValueError("adallm: cannot quantize weights on the meta device; pass quantize=False to build empty "
                          "modules for a checkpoint loader")
+    if any(isinstance(layer.self_attn, NVFP4Attention) for layer in text.layers):
+        raise ValueError("adallm: this model is already patched")
+    if calibration is not None:
+        if method != "gptq" or not quantize:
+            raise ValueError(f"adallm: calibration data is used only by method='gptq' with quantize=True, got "
+                             f"method={method!r}, quantize={quantize}")
+        dtype = next(text.layers.parameters()).dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"adallm: gptq calibration runs the quantized layers through the adallm ops, which take "
+                             f"bfloat16/float16 activations; the model is {dtype} (load it with dtype=torch.bfloat16)")
+        calibration = check_calibration(calibration, config.vocab_size)
+    elif method == "gptq" and quantize:
+        raise ValueError("adallm: method='gptq' needs calibration token ids [n, L] (calibration=...; "
+                         "adallm.calibration.self_generated_calibration(model) makes them from the model itself)")
     from tqdm.auto import tqdm
 
+    def patch_layer(layer: nn.Module, hessians: dict[str, torch.Tensor] | None = None) -> None:
+        layer.self_attn = _attention(layer.self_attn, family, quantize, method, hessians)
+        _patch_mlp(layer, quantize, method, hessians)
+
     with torch.no_grad():
-        for layer in tqdm(text.layers, desc="adallm: NVFP4", unit="layer", disable=not (progress and quantize)):
-            if isinstance(layer.self_attn, NVFP4Attention):
-                raise ValueError("adallm: this model is already patched")
-            layer.self_attn = _attention(layer.self_attn, family, quantize, method)
-            _patch_mlp(layer, quantize, method)
+        if calibration is None:
+            for layer in tqdm(text.layers, desc="adallm: NVFP4", unit="layer", disable=not (progress and quantize)):
+                patch_layer(layer)
+            lm_head_hessian = None
+        else:
+            lm_head_hessian = quantize_layers(text, calibration, patch_layer, progress)
         if quantize_lm_head:
-            model.lm_head = _linear([model.lm_head], (), quantize, method)
+            model.lm_head = _linear([model.lm_head], (), quantize, method, lm_head_hessian)
     use_fp8_cache_in_generate(model)
     return model
 
@@ -75,36 +100,42 @@ def _family_of(model: nn.Module) -> Family:
                      f"{', '.join(supported_architectures())}")
 
 
-def _linear(linears: list[nn.Linear], parts: tuple[str, ...], quantize: bool, method: str) -> NVFP4Linear:
+def _linear(linears: list[nn.Linear], parts: tuple[str, ...], quantize: bool, method: str,
+            hessian: torch.Tensor | None = None) -> NVFP4Linear:
     """One (fused) NVFP4Linear from nn.Linears: quantized, or empty with the same shape/device/dtype."""
     if quantize:
-        return NVFP4Linear.from_dense(linears, parts, method=method)
+        return NVFP4Linear.from_dense(linears, parts, method=method, hessian=hessian)
     sizes = tuple(lin.out_features for lin in linears)
     w = linears[0].weight
     return NVFP4Linear(linears[0].in_features, sum(sizes), linears[0].bias is not None, parts,
                        sizes if parts else (), device=w.device, dtype=w.dtype)
 
 
-def _attention(hf_attn: nn.Module, family: Family, quantize: bool, method: str) -> NVFP4Attention:
-    qkv = _linear([hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj], ("q_proj", "k_proj", "v_proj"), quantize, method)
-    o = _linear([hf_attn.o_proj], (), quantize, method)
+def _attention(hf_attn: nn.Module, family: Family, quantize: bool, method: str,
+               hessians: dict[str, torch.Tensor] | None) -> NVFP4Attention:
+    h = hessians or {}  # keys: adallm/calibration.py
+    qkv = _linear([hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj], ("q_proj", "k_proj", "v_proj"), quantize, method,
+                  h.get("self_attn.q_proj"))
+    o = _linear([hf_attn.o_proj], (), quantize, method, h.get("self_attn.o_proj"))
     # scaling and sliding_window are read from the HF module, so they follow its family's rules exactly.
     return NVFP4Attention(hf_attn.config, hf_attn.layer_idx, qkv, o, hf_attn.q_norm, hf_attn.k_norm,
                           head_dim=hf_attn.head_dim, scaling=hf_attn.scaling, sliding_window=hf_attn.sliding_window,
                           apply_rotary=family.apply_rotary, eager_attention=family.eager_attention)
 
 
-def _patch_mlp(layer: nn.Module, quantize: bool, method: str) -> None:
-    mlp = layer.mlp
+def _patch_mlp(layer: nn.Module, quantize: bool, method: str, hessians: dict[str, torch.Tensor] | None) -> None:
+    mlp, h = layer.mlp, hessians or {}
     if hasattr(mlp, "experts") and hasattr(mlp, "gate"):  # MoE block: swap the experts, keep block and router
         ex = mlp.experts
         if quantize:
-            mlp.experts = NVFP4Experts.from_dense(ex.gate_up_proj, ex.down_proj, ex.act_fn, method)
+            eh = (h["mlp.experts.gate_up_proj"], h["mlp.experts.down_proj"]) if hessians is not None else None
+            mlp.experts = NVFP4Experts.from_dense(ex.gate_up_proj, ex.down_proj, ex.act_fn, method, eh)
         else:
             e, two_i, h = ex.gate_up_proj.shape
             mlp.experts = NVFP4Experts(e, h, two_i // 2, ex.act_fn, device=ex.gate_up_proj.device)
     elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        layer.mlp = NVFP4MLP(_linear([mlp.gate_proj, mlp.up_proj], ("gate_proj", "up_proj"), quantize, method),
-                             _linear([mlp.down_proj], (), quantize, method), mlp.act_fn)
+        layer.mlp = NVFP4MLP(_linear([mlp.gate_proj, mlp.up_proj], ("gate_proj", "up_proj"), quantize, method,
+                                     h.get("mlp.gate_proj")),
+                             _linear([mlp.down_proj], (), quantize, method, h.get("mlp.down_proj")), mlp.act_fn)
     else:
         raise ValueError(f"adallm: unexpected MLP module {type(mlp).__name__}")
