@@ -164,6 +164,14 @@ class Fp8CacheLayer(CacheLayerMixin):
             self.start.zero_()
         self._host_length = 0
 
+    def forget_last_token(self) -> None:
+        """Undoes the last decode write (generate's one step too many, adallm/generation.py). A ring buffer
+        loses nothing the next step needs: the overwritten slot held position p - L, outside the window of
+        the token that will be written at p again."""
+        if self.is_initialized:
+            self.length.sub_(1)
+        self._host_length = None
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
             raise RuntimeError("adallm: Fp8KVCache cannot be cropped (assisted decoding needs a transformers cache)")
@@ -213,6 +221,17 @@ class Fp8KVCache(Cache):
                 raise ValueError(f"adallm: layer {i} has type {kind!r}; Fp8KVCache supports full_attention and "
                                  "sliding_attention layers")
         super().__init__(layers=layers)
+        self.max_cache_len = max_cache_len
+
+    def forget_last_token(self) -> None:
+        """Every layer drops its last decoded token (see Fp8CacheLayer.forget_last_token)."""
+        for layer in self.layers:
+            layer.forget_last_token()
+
+    def device_state_changed(self) -> None:
+        """Decode steps ran without Python (CUDA-graph replays): the host copies of the lengths are stale."""
+        for layer in self.layers:
+            layer._host_length = None
 
 
 def cache_kwarg_name(model) -> str:

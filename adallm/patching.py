@@ -18,6 +18,7 @@ from torch import nn
 from .attention import NVFP4Attention
 from .calibration import check_calibration, quantize_layers
 from .integrations import Family, families
+from .generation import use_graph_decode_in_generate
 from .kv_cache import use_fp8_cache_in_generate
 from . import nvfp4
 from .linear import NVFP4Linear
@@ -46,7 +47,8 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
     quantized (adallm/calibration.py); the model must be bfloat16/float16 (the quantized layers run through
     the adallm ops). Extra peak memory: the calibration activations and one layer's hessians.
     quantize_lm_head: also make lm_head NVFP4 (default: it stays in the model's dtype).
-    After patching, `model.generate` uses an Fp8KVCache unless the call passes a cache or a cache_implementation.
+    After patching, `model.generate` uses an Fp8KVCache unless the call passes a cache or a cache_implementation,
+    and on CUDA decodes with CUDA-graph steps and no host sync per token (adallm/generation.py).
     """
     family = _family_of(model)
     text = family.text_model(model)
@@ -89,6 +91,7 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
         if quantize_lm_head:
             model.lm_head = _linear([model.lm_head], (), quantize, method, lm_head_hessian)
     use_fp8_cache_in_generate(model)
+    use_graph_decode_in_generate(model)
     return model
 
 

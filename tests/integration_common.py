@@ -363,3 +363,13 @@ def check_compile(family: str) -> None:
            for g in graphs]
     assert {"adallm.nvfp4_linear", "adallm.fp8_kv_write"} <= ops[0], ops[0]
     assert "adallm.fp8_decode_attention" in ops[1], ops[1]
+
+
+class DirectStep:
+    """Stands in for adallm.generation._GraphStep: calls the step every time instead of replaying a graph."""
+
+    def __init__(self, step, cache, ids, pos):
+        self.step, self.cache = step, cache
+
+    def __call__(self, ids, pos):
+        return self.step(ids, pos, self.cache)

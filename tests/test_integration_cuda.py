@@ -1,9 +1,9 @@
-"""The integration on the GPU (CUDA ops): the CPU equivalences again, generate's static-cache auto-compile
-(CUDA graphs) against eager, and the peak memory of patch on Qwen3-8B layer shapes."""
+"""The integration on the GPU (CUDA ops): the CPU equivalences again, generate's CUDA-graph decode loop
+(adallm/generation.py), and the peak memory of patch on Qwen3-8B layer shapes."""
 import pytest
 import torch
-from integration_common import (check_batch_matches_alone, check_continuation, check_greedy, check_logits, generate,
-                                teacher_force, tiny_model)
+from integration_common import (DirectStep, check_batch_matches_alone, check_continuation, check_greedy, check_logits, generate,
+                                left_pad, teacher_force, tiny_model)
 
 import adallm
 
@@ -31,40 +31,82 @@ def test_multi_turn_continuation(family):
     check_continuation(family, device="cuda")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
-def test_generate_auto_compile_matches_eager(family):
-    """generate on CUDA compiles its decode step (Fp8KVCache is compileable; mode reduce-overhead = CUDA
-    graphs) with no graph break. Inductor fuses the norms and RoPE in other roundings than eager, so the
-    two may break a near-tie differently, after which a tiny random model's continuations part: the
-    compiled tokens must equal eager's up to the first step where eager's own top two logits are within
-    1% of the largest logit, and every compiled token must be (near) eager's choice given its prefix."""
+@pytest.fixture
+def graphs_off(monkeypatch):
+    """use(True): generate's decode loop calls the same compiled step directly each step (no CUDA graph)."""
+    def use(on: bool):
+        if on:
+            monkeypatch.setattr(adallm.generation, "_GraphStep", DirectStep)
+        else:
+            monkeypatch.undo()
+    return use
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_decode_replays_the_compiled_step(family, graphs_off):
+    """generate on CUDA decodes with CUDA-graph replays of one compiled step (adallm/generation.py): the
+    tokens equal those of calling that compiled step directly every step, for a left-padded batch and
+    sampling alike; the returned cache holds every token but the last; each token is (near) eager's
+    choice given its prefix (inductor's fused norms round differently from eager, so near-ties may break
+    the other way)."""
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
     model = tiny_model(family, device="cuda")
     adallm.patch(model, progress=False)
-    ids = torch.randint(1, model.config.vocab_size, (2, 20))
-    torch._dynamo.reset()
+    ids, mask = left_pad([torch.randint(1, model.config.vocab_size, (n,)) for n in (20, 13)])
     counters.clear()
-    compiled, _ = generate(model, ids, new=48)
-    assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile the decode step"
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    eager, _ = generate(model, ids, new=48, disable_compile=True)
+    graph, cache = generate(model, ids, mask, new=40)
+    assert counters["stats"]["unique_graphs"] >= 1, "the decode step was not compiled"
+    assert isinstance(cache, adallm.Fp8KVCache) and cache.get_seq_length() == ids.shape[1] + 39
+    graphs_off(True)
+    direct, _ = generate(model, ids, mask, new=40)
+    torch.manual_seed(5)
+    sampled_direct, _ = generate(model, ids, mask, new=40, do_sample=True, top_k=20)
+    graphs_off(False)
+    torch.manual_seed(5)
+    sampled_graph, _ = generate(model, ids, mask, new=40, do_sample=True, top_k=20)
+    assert torch.equal(graph, direct), (graph, direct)
+    assert torch.equal(sampled_graph, sampled_direct), (sampled_graph, sampled_direct)
+    seq = torch.cat((ids, graph), dim=1)
+    full_mask = torch.cat((mask, torch.ones_like(graph)), dim=1)
+    logits = teacher_force(model, adallm.Fp8KVCache(model.config, seq.shape[1]), seq,
+                           list(range(ids.shape[1], seq.shape[1])), full_mask)[:, ids.shape[1] - 1:]
+    margin = logits.amax(-1) - logits.gather(-1, graph.cuda().unsqueeze(-1)).squeeze(-1)
+    assert (margin <= 0.01 * logits.abs().amax()).all(), "a decoded token is not (near) eager's choice"
 
-    def eager_logits(tokens):
-        seq = torch.cat((ids, tokens), dim=1)
-        return teacher_force(model, adallm.Fp8KVCache(model.config, seq.shape[1]), seq,
-                             list(range(20, seq.shape[1])), torch.ones_like(seq))[:, 19:].cpu()
 
-    logits = eager_logits(compiled)
-    tol = 0.01 * logits.abs().amax()
-    margin = logits.amax(-1) - logits.gather(-1, compiled.unsqueeze(-1)).squeeze(-1)
-    assert (margin <= tol).all(), "a compiled token is not (near) eager's choice"
-    top2 = eager_logits(eager).topk(2, dim=-1).values
-    for row in range(len(ids)):
-        near_ties = ((top2[row, :, 0] - top2[row, :, 1]) <= tol).nonzero()
-        agree = int(near_ties[0]) if len(near_ties) else compiled.shape[1]
-        assert agree >= 8, f"{family} row {row}: eager has a near-tie at step {agree}; the test needs a longer clear run"
-        assert torch.equal(compiled[row, :agree], eager[row, :agree]), (row, agree, compiled[row], eager[row])
+def test_graph_decode_stops_at_eos_and_streams():
+    """All rows hitting EOS end generate one step late on the device; the loop undoes that step: the output
+    and the streamed tokens are those of the direct loop up to EOS, and the cache forgets the extra token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.seen = []
+
+        def put(self, value):
+            self.seen.append(value.reshape(-1).tolist())
+
+        def end(self):
+            pass
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen3", device="cuda")
+    adallm.patch(model, progress=False)
+    ids = torch.randint(1, model.config.vocab_size, (1, 16)).cuda()
+    model.generation_config.eos_token_id = None  # the same logits processors in both runs
+    free = model.generate(ids, max_new_tokens=24, do_sample=False)[:, 16:].cpu()
+    eos = int(free[0, 9])
+    first = int((free[0] == eos).nonzero()[0])  # the first step that emits that token
+    model.generation_config.eos_token_id = eos
+    streamer = Collect()
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, streamer=streamer,
+                         return_dict_in_generate=True)
+    tokens = out.sequences[0, 16:].cpu()
+    assert tokens.tolist() == free[0, :first + 1].tolist()
+    assert sum(streamer.seen[1:], []) == tokens.tolist()  # seen[0] is the prompt
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert cache.get_seq_length() == 16 + first
 
 
 def test_patch_peak_memory_qwen3_8b_shapes():
