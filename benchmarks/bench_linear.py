@@ -7,7 +7,7 @@ CUDA events; the median over repeats is reported per call. The floor: bytes move
 scales + x + y) / copy bandwidth, the copy bandwidth measured in the same run (large D2D copy, read +
 write bytes).
 
-  python benchmarks/bench_linear.py [--out benchmarks/results/linear.json] [--quick]
+  python benchmarks/bench_linear.py [--out benchmarks/results/linear.json] [--quick] [--decode]
 """
 from __future__ import annotations
 
@@ -137,6 +137,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "linear.json"))
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    ap.add_argument("--decode", action="store_true", help=f"only the decode rows (M in {DECODE_M}), no prefill")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
@@ -145,7 +146,7 @@ def main():
     results = []
     dense = DENSE[:3] if args.quick else DENSE
     for model, layer, n, k in dense:
-        for r in bench_dense(n, k, DECODE_M + ([] if args.quick else PREFILL_M), l2, args.quick):
+        for r in bench_dense(n, k, DECODE_M + ([] if args.quick or args.decode else PREFILL_M), l2, args.quick):
             results.append(dict(model=model, layer=layer, n=n, k=k, op="nvfp4_linear", **r))
     for model, layer, n, k in MOE:
         for r in bench_moe(n, k, [1, 4], args.quick):

@@ -224,6 +224,167 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
     }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// sm_90, M <= 8: the same math fed from shared memory that the copy engine fills (cp.async.bulk).
+//
+// Why: the kernel above holds its loads in registers, so each warp has at most one item in flight and
+// ptxas issues part of an item's loads only after its first MMAs (SASS of 84a80cc: 4 of the 8 weight
+// vectors), which exposes the DRAM latency two or three times per item. Here one lane per row asks the
+// copy engine for a whole chunk of the row (1 KB) with a single instruction, and a CTA keeps `stages`
+// chunks in flight while it computes: the loads cost no registers and (almost) no instructions.
+//
+// Work split. CTA = 16 weight rows (one MMA row tile) x all of K, 8 warps; grid = (N / 16, pairs).
+//   Chunk = the 16 rows x kGemvChunkK k (the last chunk may be shorter; K % 256 == 0, so every chunk
+//     is a whole number of 8-slot warp parts). Stage = one chunk in shared memory: rows at a pitch of
+//     kGemvChunkK / 2 + 16 bytes (weights) and kGemvChunkK / 16 + 16 bytes (scales), which makes the
+//     lane reads below free of bank conflicts. Chunk c goes to stage c % stages and completes on that
+//     stage's mbarrier (phase c / stages).
+//   Warp w takes slots 8 w .. 8 w + 7 of every chunk; lane (g, t) takes slots 8 w + 2 t + v (v = 0, 1)
+//     of rows g and g + 8: two 16-byte reads per row, and its 4 scale bytes are one 32-bit read.
+//   After every chunk the CTA synchronizes and refills the stage with chunk c + stages.
+//   At the end the 8 warps' C fragments are summed in shared memory (fixed order, deterministic).
+constexpr int kGemvChunkK = 2048;                            // k per chunk
+constexpr int kGemvRowPitch = kGemvChunkK / 2 + 16;          // bytes per weight row in a stage
+constexpr int kGemvScalePitch = kGemvChunkK / 16 + 16;       // bytes per scale row in a stage
+constexpr int kGemvStageBytes = 16 * (kGemvRowPitch + kGemvScalePitch);
+constexpr int kGemvMaxStages = 4;
+constexpr int kGemvBarBytes = 8 * kGemvMaxStages;
+static_assert(kGemvStageBytes % 16 == 0 && kGemvBarBytes % 16 == 0, "stages must stay 16-byte aligned");
+static_assert(kGemvWarps * 16 * 8 * 4 <= kGemvStageBytes, "the final reduction reuses stage 0");
+
+inline int gemv_staged_smem(int stages) { return kGemvBarBytes + stages * kGemvStageBytes; }
+
+template <typename T>
+__global__ void __launch_bounds__(kGemvThreads, 4) nvfp4_gemv_staged_kernel(Nvfp4GemvArgs a, int stages, int pair0) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+    uint8_t* stage0 = smem + kGemvBarBytes;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int pair = pair0 + blockIdx.y;
+    const int M = a.M, N = a.N, K = a.K;
+
+    int64_t e = 0;
+    if (a.expert_ids != nullptr)
+        e = a.ids_int64 ? static_cast<const int64_t*>(a.expert_ids)[pair]
+                        : static_cast<const int32_t*>(a.expert_ids)[pair];
+    const bool bad_expert = e < 0 || e >= a.num_experts;  // outputs become NaN (see nvfp4_gemv_kernel)
+    if (bad_expert) e = 0;
+
+    const int n0 = blockIdx.x * 16;
+    const int rows = N - n0 < 16 ? N - n0 : 16;
+    const int chunks = (K + kGemvChunkK - 1) / kGemvChunkK;
+    const uint8_t* w = a.w + (e * N + n0) * static_cast<int64_t>(K / 2);
+    const uint8_t* ws = a.ws + (e * N + n0) * static_cast<int64_t>(K / 16);
+    const T* x = static_cast<const T*>(a.x) + static_cast<int64_t>(pair / a.x_pair_div) * M * K;
+
+    // 32 copy issuers per chunk, 4 lanes of each warp (a bulk copy takes warp-uniform operands, so the
+    // compiler issues a warp's copies one lane at a time: spread, they cost each warp little).
+    // Issuer i = 4 warp + lane copies row i of the weights (i < 16) or row i - 16 of the scales.
+    constexpr int kIssuers = 32;
+    if (threadIdx.x == 0) {
+        for (int st = 0; st < stages; ++st) mbar_init(&full[st], kIssuers);
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    // Chunk c -> stage c % stages. Every issuer arrives once per chunk, announcing the bytes of its own
+    // copy before issuing it. Rows past N are not copied (their stage rows hold stale bytes, which reach
+    // only C rows that are never stored).
+    const int issuer = 4 * warp + lane, r = issuer & 15;
+    auto issue = [&](int c) {
+        if (lane >= 4) return;
+        const int st = c % stages, k0 = c * kGemvChunkK;
+        const int kc = K - k0 < kGemvChunkK ? K - k0 : kGemvChunkK;
+        uint8_t* sw = stage0 + st * kGemvStageBytes;
+        if (r >= rows) {
+            mbar_arrive(&full[st]);
+            return;
+        }
+        const uint64_t policy = l2_evict_first_policy();
+        if (issuer < 16) {
+            mbar_arrive_expect_tx(&full[st], kc / 2);
+            bulk_copy_g2s(sw + r * kGemvRowPitch, w + r * static_cast<int64_t>(K / 2) + k0 / 2, kc / 2, &full[st],
+                          policy);
+        } else {
+            mbar_arrive_expect_tx(&full[st], kc / 16);
+            bulk_copy_g2s(sw + 16 * kGemvRowPitch + r * kGemvScalePitch, ws + r * static_cast<int64_t>(K / 16) + k0 / 16,
+                          kc / 16, &full[st], policy);
+        }
+    };
+    for (int c = 0; c < chunks && c < stages; ++c) issue(c);
+
+    // x row of the lane's B fragment: m = g. B column m only reaches C column m, so lanes with g >= M
+    // read row M - 1 instead (valid memory) and their columns are never stored: no zeroing, no branch.
+    const T* xg = x + static_cast<int64_t>(g < M ? g : M - 1) * K;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c = 0; c < chunks; ++c) {
+        const int st = c % stages, k0 = c * kGemvChunkK;
+        const int kc = K - k0 < kGemvChunkK ? K - k0 : kGemvChunkK;
+        mbar_wait(&full[st], (c / stages) & 1);
+        if (8 * warp < kc / 32) {
+            const uint8_t* sw = stage0 + st * kGemvStageBytes;
+            const uint8_t* ss = sw + 16 * kGemvRowPitch + 16 * warp + 4 * t;
+            const uint32_t scA4 = *reinterpret_cast<const uint32_t*>(ss + g * kGemvScalePitch);
+            const uint32_t scB4 = *reinterpret_cast<const uint32_t*>(ss + (g + 8) * kGemvScalePitch);
+#pragma unroll
+            for (int v = 0; v < 2; ++v) {
+                const int sl = 8 * warp + 2 * t + v;  // slot of the chunk
+                const uint4 wa = *reinterpret_cast<const uint4*>(sw + g * kGemvRowPitch + 16 * sl);
+                const uint4 wb = *reinterpret_cast<const uint4*>(sw + (g + 8) * kGemvRowPitch + 16 * sl);
+                // Words 0, 1 of the vector are block 2 sl, words 2, 3 block 2 sl + 1 (bytes 2 v, 2 v + 1 of scX4).
+                const uint32_t scA = scale_pair<T>(scA4 >> (16 * v)), scB = scale_pair<T>(scB4 >> (16 * v));
+                const uint32_t bsA[2] = {__byte_perm(scA, scA, 0x1010), __byte_perm(scA, scA, 0x3232)};
+                const uint32_t bsB[2] = {__byte_perm(scB, scB, 0x1010), __byte_perm(scB, scB, 0x3232)};
+                const T* xv = xg + k0 + 32 * sl;
+#pragma unroll
+                for (int wd = 0; wd < 4; ++wd) {
+                    // Not volatile (unlike ld_x_v4): the compiler may issue these ahead, so an L1 miss
+                    // is not paid once per word in the MMA chain.
+                    const uint4 xr = __ldg(reinterpret_cast<const uint4*>(xv + 8 * wd));
+                    uint32_t pa[4], pb[4];
+                    fp4_pairs<T>((&wa.x)[wd], pa);
+                    fp4_pairs<T>((&wb.x)[wd], pb);
+                    const uint32_t sa2 = bsA[wd >> 1], sb2 = bsB[wd >> 1];
+                    const uint32_t af0[4] = {mul2<T>(pa[0], sa2), mul2<T>(pb[0], sb2), mul2<T>(pa[1], sa2),
+                                             mul2<T>(pb[1], sb2)};
+                    mma_16816<T>(acc, af0, __byte_perm(xr.x, xr.z, 0x5410), __byte_perm(xr.x, xr.z, 0x7632));
+                    const uint32_t af1[4] = {mul2<T>(pa[2], sa2), mul2<T>(pb[2], sb2), mul2<T>(pa[3], sa2),
+                                             mul2<T>(pb[3], sb2)};
+                    mma_16816<T>(acc, af1, __byte_perm(xr.y, xr.w, 0x5410), __byte_perm(xr.y, xr.w, 0x7632));
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with stage st
+        if (c + stages < chunks) issue(c + stages);
+    }
+
+    // C fragments -> red[warp][row][m] (stage 0's memory: every copy has landed and been read).
+    float (*red)[16][8] = reinterpret_cast<float (*)[16][8]>(stage0);
+    red[warp][g][2 * t] = acc[0];
+    red[warp][g][2 * t + 1] = acc[1];
+    red[warp][g + 8][2 * t] = acc[2];
+    red[warp][g + 8][2 * t + 1] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < 16 * 8) {
+        const int r = threadIdx.x % 16, m = threadIdx.x / 16;  // consecutive threads: consecutive n of row m
+        if (r < rows && m < M) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < kGemvWarps; ++k) sum += red[k][r][m];
+            float out = sum * a.gs[e] * kDequantUnscale;
+            if (a.bias != nullptr) out += to_float(static_cast<const T*>(a.bias)[n0 + r]);
+            if (bad_expert) out = __int_as_float(0x7fc00000);
+            static_cast<T*>(a.y)[static_cast<int64_t>(pair) * M * N + static_cast<int64_t>(m) * N + n0 + r] =
+                from_float<T>(out);
+        }
+    }
+#else
+    __trap();  // launched only on sm_90+ (see launch_nvfp4_gemv)
+#endif
+}
+
 // Warps along K (log2). Measured on the H100 (benchmarks/results/linear_notes.md): WK = 4 (32 rows per
 // CTA) is best once that gives at least one CTA per SM, else WK = 8 (16 rows per CTA, more CTAs);
 // WK = 1 or 2 (long K ranges per warp) was slower everywhere. 132 SMs:
@@ -249,12 +410,45 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
     return cudaSuccess;
 }
 
-// Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
-// One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane); two
-// m-tiles hold twice the x fragments, so 2 vectors keep the kernel within 128 registers.
+// Stages per CTA of the staged kernel: 2 (38 KB, 4 CTAs per SM by registers) when there are CTAs enough
+// to fill the SMs 2-deep, else 4 (fewer, longer CTAs keep 4 chunks each in flight).
 template <typename T>
-cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
+cudaError_t launch_gemv_staged(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
+    static bool configured[64] = {};  // once per (T, device): opt in to > 48 KB and set the smem carveout
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return cudaErrorInvalidDevice;
+    if (!configured[device]) {
+        cudaError_t err = cudaFuncSetAttribute(nvfp4_gemv_staged_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               gemv_staged_smem(kGemvMaxStages));
+        // Shared memory for 4 CTAs of 2 stages or 2 of 4 (~156 KB of the H100's 228 KB), the rest stays L1
+        // for x, which every CTA re-reads (M = 4, K = 4096: 32 KB). The driver rounds up to a carveout it has.
+        if (err == cudaSuccess)
+            err = cudaFuncSetAttribute(nvfp4_gemv_staged_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       68);
+        if (err != cudaSuccess) return err;
+        configured[device] = true;
+    }
+    const int grid_x = (a.N + 15) / 16;
+    const int stages = static_cast<int64_t>(grid_x) * pairs <= 2 * num_sms ? kGemvMaxStages : 2;
+    constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
+    for (int p0 = 0; p0 < pairs; p0 += kMaxGridY) {
+        const dim3 grid(grid_x, pairs - p0 < kMaxGridY ? pairs - p0 : kMaxGridY);
+        nvfp4_gemv_staged_kernel<T><<<grid, kGemvThreads, gemv_staged_smem(stages), stream>>>(a, stages, p0);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+}
+
+// Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
+// staged (the caller checks: sm_90+, K % 256 == 0, w and ws 16-byte aligned): M <= 8 runs the
+// shared-memory staged kernel. Otherwise, one m-tile (M <= 8): 4 vectors per row per lane per item
+// (8 x 16 B loads in flight per lane); two m-tiles hold twice the x fragments, so 2 vectors keep the
+// kernel within 128 registers.
+template <typename T>
+cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, int num_sms, bool staged, cudaStream_t stream) {
     if (a.M > 8) return launch_gemv_shape<T, 2, 2>(a, pairs, num_sms, stream);
+    if (staged) return launch_gemv_staged<T>(a, pairs, num_sms, stream);
     return launch_gemv_shape<T, 1, 4>(a, pairs, num_sms, stream);
 }
 
