@@ -3,20 +3,13 @@
 // kernels themselves (raw pointers, no torch) are in nvfp4_gemv.cuh and nvfp4_quant.cuh.
 //
 // nvfp4_linear picks its kernel by M = rows of x (flattened):
-//   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh;
-//                                                      on sm_90 with M <= 8 and K % 256 == 0 staged through
-//                                                      shared memory by the copy engine)
+//   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh)
 //   otherwise                                       -> dequantize W to x.dtype [N, K], then cuBLAS (F.linear)
 // Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cstdlib>
-#include <map>
-#include <mutex>
-#include <string>
 
 #include "check.h"
 #include "nvfp4_gemv.cuh"
@@ -79,29 +72,16 @@ at::Tensor contiguous16(const at::Tensor& t) {
     return aligned16(c) ? c : c.clone();
 }
 
-// A device attribute, asked once per device (the GEMV sizes its grid by the SM count and picks its
-// kernel by the compute capability).
-int device_attr(int device, cudaDeviceAttr attr) {
-    static std::map<std::pair<int, int>, int> cache;
-    static std::mutex mu;
-    const std::lock_guard<std::mutex> lock(mu);
-    const auto key = std::make_pair(device, static_cast<int>(attr));
-    auto it = cache.find(key);
-    if (it == cache.end()) {
-        int v = 0;
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
-        it = cache.emplace(key, v).first;
+// Multiprocessors of a device (asked once per device: the GEMV sizes its grid by it).
+int sm_count(int device) {
+    static int cache[64] = {};
+    ADALLM_CHECK_RUNTIME(device >= 0 && device < 64, "adallm: device index ", device, " out of range");
+    if (cache[device] == 0) {
+        int n = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+        cache[device] = n;
     }
-    return it->second;
-}
-
-// ADALLM_GEMV_LEGACY=1 makes sm_90 run the register-loading GEMV kernel too (A/B benchmarks).
-bool gemv_legacy() {
-    static const bool legacy = [] {
-        const char* v = std::getenv("ADALLM_GEMV_LEGACY");
-        return v != nullptr && std::string(v) == "1";
-    }();
-    return legacy;
+    return cache[device];
 }
 
 template <typename T>
@@ -122,13 +102,7 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
     a.M = static_cast<int>(m);
     a.N = static_cast<int>(n);
     a.K = static_cast<int>(k);
-    const int dev = x.get_device();
-    // The staged kernel copies whole 128-byte row pieces with the sm_90 copy engine.
-    const bool staged = device_attr(dev, cudaDevAttrComputeCapabilityMajor) >= 9 && k % 256 == 0 &&
-                        aligned16(weight_scale) && !gemv_legacy();
-    check_cuda_error(launch_nvfp4_gemv<T>(a, pairs, device_attr(dev, cudaDevAttrMultiProcessorCount), staged,
-                                          c10::cuda::getCurrentCUDAStream()),
-                     "nvfp4_gemv");
+    check_cuda_error(launch_nvfp4_gemv<T>(a, pairs, sm_count(x.get_device()), c10::cuda::getCurrentCUDAStream()), "nvfp4_gemv");
 }
 
 // Dequantizes one [N, K] NVFP4 weight to dtype (for cuBLAS).
