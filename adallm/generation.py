@@ -125,9 +125,9 @@ def _sample(self, input_ids, logits_processor, stopping_criteria, generation_con
     batch = input_ids.shape[0]
     # The replayed steps skip the cache's host-side capacity check: check once for the whole call (the
     # last token is never fed, so max_length - 1 positions are written).
-    if max_length is not None and max_length - 1 > cache.max_cache_len:
+    if max_length is not None and max_length - 1 > cache.capacity:
         raise ValueError(f"adallm: generate needs {max_length - 1} positions but the FP8 KV cache holds "
-                         f"{cache.max_cache_len} per sequence")
+                         f"{cache.capacity} per sequence")
 
     if not hasattr(self, "_adallm_decode_step"):
         self._adallm_decode_step = _compiled_decode_step(self)
@@ -140,7 +140,10 @@ def _sample(self, input_ids, logits_processor, stopping_criteria, generation_con
            else torch.full((batch, 1), input_ids.shape[1], device=input_ids.device)).long()
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     flags = _LateFlags(batch, input_ids.device)
-    graph: _GraphStep | None = None
+    # The graph of an earlier call on the same cache (generate reuses its cache when it fits) replays as is.
+    last = getattr(self, "_adallm_graph", None)
+    graph = last[1] if last is not None and last[0] is cache and last[1].ids.shape[0] == batch else None
+    self._adallm_graph = None  # a new capture must not keep the old one's memory pool alive
     extra_step = False
     while True:
         logits = logits.to(dtype=torch.float32, copy=True)  # never the graph's static output itself
@@ -169,8 +172,8 @@ def _sample(self, input_ids, logits_processor, stopping_criteria, generation_con
         if max_length is not None and input_ids.shape[1] >= max_length:
             break
         ids = next_tokens[:, None]
-        if flags.step == 1:
-            logits = self._adallm_decode_step(ids, pos, cache)  # the first call of a model compiles it
+        if graph is None and flags.step == 1:
+            logits = self._adallm_decode_step(ids, pos, cache)  # the model's first call compiles it
         else:
             if graph is None:
                 graph = _GraphStep(self._adallm_decode_step, cache, ids, pos)
@@ -183,6 +186,8 @@ def _sample(self, input_ids, logits_processor, stopping_criteria, generation_con
     elif streamer is not None:
         streamer.put(flags.last()[1])
     cache.device_state_changed()
+    if graph is not None:
+        self._adallm_graph = (cache, graph)
     if streamer is not None:
         streamer.end()
     if not cfg.return_dict_in_generate:

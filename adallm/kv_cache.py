@@ -221,7 +221,7 @@ class Fp8KVCache(Cache):
                 raise ValueError(f"adallm: layer {i} has type {kind!r}; Fp8KVCache supports full_attention and "
                                  "sliding_attention layers")
         super().__init__(layers=layers)
-        self.max_cache_len = max_cache_len
+        self.capacity = max_cache_len  # positions per sequence (transformers 5.17's Cache owns `max_cache_len`)
 
     def forget_last_token(self) -> None:
         """Every layer drops its last decoded token (see Fp8CacheLayer.forget_last_token)."""
@@ -261,6 +261,14 @@ def use_fp8_cache_in_generate(model) -> None:
         max_cache_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0,
                                getattr(self, "_adallm_max_cache_length", 0))
         self._adallm_max_cache_length = max_cache_length
-        model_kwargs[key] = Fp8KVCache(self.config, max_cache_length)
+        # Reuse the last call's cache when it fits (as transformers does with its static cache): the same
+        # buffers let the decode loop replay the CUDA graph it captured then (adallm/generation.py). A
+        # cache returned by the last call is therefore reset by this one.
+        last = getattr(self, "_adallm_cache", None)
+        if last is not None and last[0] == (batch_size, max_cache_length):
+            last[1].reset()
+        else:
+            self._adallm_cache = last = ((batch_size, max_cache_length), Fp8KVCache(self.config, max_cache_length))
+        model_kwargs[key] = last[1]
 
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)

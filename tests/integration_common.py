@@ -369,7 +369,7 @@ class DirectStep:
     """Stands in for adallm.generation._GraphStep: calls the step every time instead of replaying a graph."""
 
     def __init__(self, step, cache, ids, pos):
-        self.step, self.cache = step, cache
+        self.step, self.cache, self.ids = step, cache, ids
 
     def __call__(self, ids, pos):
         return self.step(ids, pos, self.cache)
