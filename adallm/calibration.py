@@ -18,7 +18,9 @@ Hessian keys (module paths inside a decoder layer, the first linear of each fuse
     "self_attn.q_proj" (q/k/v share it), "self_attn.o_proj", "mlp.gate_proj" (gate/up share it),
     "mlp.down_proj"; MoE layers instead "mlp.experts.gate_up_proj" [E, H, H] and "mlp.experts.down_proj"
     [E, I, I]: per expert, from the tokens the router sends to it (an expert no token reached gets a zero
-    hessian, which the gptq quantizer turns into plain "mse" quantization of that expert).
+    hessian, which the gptq quantizer turns into plain "mse" quantization of that expert). Their memory,
+    E * (H^2 + I^2) fp32 per MoE layer, is the largest part of the peak on MoE models: Qwen3-30B-A3B
+    (E 128, H 2048, I 768) 2.4 GB.
 """
 from __future__ import annotations
 

@@ -7,11 +7,16 @@ token sequences:
   fake/kv              attention reads K/V rounded through the FP8 cache numerics (e4m3, one scale per
                        token and head: adallm_ops.reference.fp8_quantize_rows), i.e. what a decode step sees
   fake/w-<method>+kv   both
-  (method "gptq" calibrates on text the model samples itself: --calib-seqs x --calib-len tokens)
+  (method "gptq" calibrates on text the model samples itself, --calib-seqs x --calib-len tokens, layer by
+  layer as adallm.patch does, adallm.calibration; fake/w-gptq follows the same sequential recipe with dense
+  layers carrying the fake-quantized weights)
   adallm/w-<method>    the real adallm model (adallm.patch: NVFP4Linear through the adallm ops), no KV cache
   adallm/w-<method>+kv the same, each chunk fed through its Fp8KVCache (--kv-piece tokens per forward; 1 =
                        every token a decode step through adallm::fp8_decode_attention); generation uses it
                        as `generate` does by default
+  fake/w-gptq@adallm   the adallm gptq model's own NVFP4 weights, dequantized into the plain model: gptq's
+                       choices depend on the calibration activations, which the kernels round slightly
+                       differently from the dense fake-quant, so this, not fake/w-gptq, checks the kernels
   (the adallm ops take bf16/fp16 activations: with the fp32 CPU default the adallm rows are skipped; run
   --dtype bfloat16 to compare them with bf16 fake-quant rows)
 Metrics per configuration: mean KL(ref || cand) per token of the next-token distributions (also split into
@@ -47,12 +52,16 @@ from torch import nn
 
 import adallm
 from adallm import nvfp4
+from adallm.calibration import quantize_layers, self_generated_calibration
 from adallm_ops.reference import fp8_quantize_rows
 
 TEXT_PATH = Path(__file__).parent / "data" / "gpl-3.0.txt"
 FP8_KV_ATTENTION = "adallm_fake_fp8_kv"
-# Decoder linears that adallm quantizes, by fused group (one shared global scale per group).
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# Decoder linears that adallm quantizes, by fused group (one shared global scale per group), under the
+# decoder layer's attribute that holds them; a group's first linear names its hessian (adallm.calibration).
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)), ("mlp", ("gate_proj", "up_proj")),
+          ("mlp", ("down_proj",)))
+FUSED_NAMES = {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj"}  # adallm.patch's module per group (first linear)
 LOGIT_SLICE = 256  # tokens per lm_head slice: [256, 262144] fp32 logits are 268 MB
 
 
@@ -105,49 +114,36 @@ def prompts(ids: torch.Tensor, bos: int, n: int, length: int) -> torch.Tensor:
     return torch.stack([torch.cat([torch.tensor([bos]), ids[s: s + length - 1]]) for s in starts])
 
 
-def quantizable(model) -> list[dict[str, nn.Linear]]:
-    """Every fused group of decoder linears, as {"q_proj": Linear, ...}, in layer order."""
-    out = []
-    for layer in model.model.layers:
-        for group in GROUPS:
-            owner = layer.self_attn if group[0].endswith(("q_proj", "o_proj")) else layer.mlp
-            out.append({n: getattr(owner, n) for n in group})
-    return out
+def fake_quant_weights(model, method: str, calibration: torch.Tensor | None = None) -> dict[nn.Linear, torch.Tensor]:
+    """{linear: NVFP4-dequantized weight (model dtype)} for every quantizable linear; the model is unchanged.
 
-
-@torch.inference_mode()
-def calibration_hessians(model, bos: int, n_seq: int, length: int, seed: int = 0) -> dict[nn.Linear, torch.Tensor]:
-    """{first linear of each group: sum of x x^T over its inputs, fp32 [K, K]} on text the model samples
-    itself (temperature 1, seeded): no data set to ship, nothing shared with the evaluation text."""
-    dev = next(model.parameters()).device
-    torch.manual_seed(seed)
-    ids = model.generate(input_ids=torch.full((n_seq, 1), bos, device=dev), do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1)
-    hessians, hooks = {}, []
-
-    def accumulate(lin, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        hessians[lin] = hessians.get(lin, 0) + x.T @ x
-
-    for group in quantizable(model):
-        hooks.append(next(iter(group.values())).register_forward_pre_hook(accumulate))
-    try:
-        model.model(input_ids=ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return hessians
-
-
-def fake_quant_weights(model, method: str, hessians: dict | None = None) -> dict[nn.Linear, torch.Tensor]:
-    """{linear: NVFP4-dequantized weight (model dtype)} for every quantizable linear ("gptq" needs hessians)."""
+    "gptq" follows adallm.patch's recipe (adallm.calibration.quantize_layers on the `calibration` ids):
+    layer by layer, each layer's hessians taken with the earlier layers already (fake-)quantized."""
     out = {}
-    for group in quantizable(model):
-        lins = list(group.values())
-        h = hessians[lins[0]] if method == "gptq" else None
-        qs = nvfp4.quantize_group([lin.weight.detach().float() for lin in lins], list(group), method=method,
-                                  hessian=h)
-        out.update({lin: q.dequantize(lin.weight.dtype) for lin, q in zip(lins, qs)})
+
+    def quantize_layer(layer, hessians=None):
+        for owner_name, group in GROUPS:
+            owner = getattr(layer, owner_name)
+            lins = [getattr(owner, n) for n in group]
+            h = hessians[f"{owner_name}.{group[0]}"] if hessians is not None else None
+            qs = nvfp4.quantize_group([lin.weight.detach().float() for lin in lins], list(group), method=method,
+                                      hessian=h)
+            out.update({lin: q.dequantize(lin.weight.dtype) for lin, q in zip(lins, qs)})
+            if hessians is not None:  # the next layer's calibration inputs come from the quantized layer
+                for lin in lins:
+                    lin.weight.data = out[lin]
+
+    if method != "gptq":
+        for layer in model.model.layers:
+            quantize_layer(layer)
+        return out
+    saved = {lin: lin.weight.data for layer in model.model.layers for owner_name, group in GROUPS
+             for lin in (getattr(getattr(layer, owner_name), n) for n in group)}
+    try:
+        quantize_layers(model.model, calibration, quantize_layer)
+    finally:
+        for lin, w in saved.items():
+            lin.weight.data = w
     return out
 
 
@@ -260,11 +256,24 @@ def greedy_agreement(ref: torch.Tensor, cand: torch.Tensor) -> dict:
     return {"greedy_prefix": float(prefix.mean() / ref.shape[1]), "greedy_exact": float((prefix == ref.shape[1]).float().mean())}
 
 
-def adallm_model(model, method: str):
-    """The real adallm model: a copy of `model` patched by adallm.patch with NVFP4 weights from `method`."""
+def adallm_weights(patched, model) -> dict[nn.Linear, torch.Tensor]:
+    """{linear of `model`: the matching NVFP4 weight of `patched` (adallm.patch of a copy), dequantized}."""
+    out = {}
+    for layer, player in zip(model.model.layers, patched.model.layers):
+        for owner_name, group in GROUPS:
+            fused = player.get_submodule(f"{owner_name}.{FUSED_NAMES.get(group[0], group[0])}")
+            parts = fused.dequantize(torch.float32).split(fused.part_sizes or [fused.out_features])
+            owner = getattr(layer, owner_name)
+            out.update({getattr(owner, n): w.to(getattr(owner, n).weight.dtype) for n, w in zip(group, parts)})
+    return out
+
+
+def adallm_model(model, method: str, calibration: torch.Tensor | None = None):
+    """The real adallm model: a copy of `model` patched by adallm.patch with NVFP4 weights from `method`
+    ("gptq": calibrated on the `calibration` ids, layer by layer)."""
     import copy
 
-    return adallm.patch(copy.deepcopy(model), method=method, progress=False)
+    return adallm.patch(copy.deepcopy(model), method=method, calibration=calibration, progress=False)
 
 
 @torch.inference_mode()
@@ -313,14 +322,15 @@ def run(args) -> dict:
 
     if not args.no_kv:
         candidate("fake/kv", lambda: fake(None, True))
-    hessians = None
+    calib = None
     if "gptq" in args.methods:
         t = time.time()
-        hessians = calibration_hessians(model, bos, args.calib_seqs, args.calib_len)
-        log(f"calibration ({args.calib_seqs} self-generated sequences x {args.calib_len} tokens): {time.time() - t:.0f}s")
+        calib = self_generated_calibration(model, args.calib_seqs, args.calib_len, bos_token_id=bos)
+        log(f"calibration text ({args.calib_seqs} self-generated sequences x {args.calib_len} tokens): "
+            f"{time.time() - t:.0f}s")
     for method in args.methods:
         t = time.time()
-        weights = fake_quant_weights(model, method, hessians)
+        weights = fake_quant_weights(model, method, calib if method == "gptq" else None)
         log(f"quantized with {method} in {time.time() - t:.1f}s")
         candidate(f"fake/w-{method}", lambda: fake(weights, False))
         if not args.no_kv:
@@ -332,11 +342,8 @@ def run(args) -> dict:
             log("adallm configurations skipped: the adallm ops take bf16/fp16 activations (pass --dtype bfloat16)")
         else:
             for method in args.methods:
-                if method == "gptq":
-                    log("adallm/w-gptq skipped: adallm.patch quantizes without calibration data")
-                    continue
                 t = time.time()
-                patched = adallm_model(model, method)
+                patched = adallm_model(model, method, calib if method == "gptq" else None)
                 log(f"adallm.patch with {method} in {time.time() - t:.1f}s")
                 # no cache: transformers' attention on exact K/V, i.e. NVFP4 weights only
                 candidate(f"adallm/w-{method}", lambda: (
@@ -345,6 +352,10 @@ def run(args) -> dict:
                 if not args.no_kv:
                     candidate(f"adallm/w-{method}+kv", lambda: (
                         hidden_states_fp8_cache(patched, batch, args.kv_piece), greedy(patched, prompt, args.new_tokens)))
+                if method == "gptq":  # its own weights in the plain model: the check that the kernels compute them
+                    own = adallm_weights(patched, model)
+                    candidate("fake/w-gptq@adallm", lambda: fake(own, False))
+                    del own
                 del patched
 
     ref, metrics = compare(model, batch, h_ref, h_cands, window)
@@ -377,8 +388,12 @@ def summary(metrics: dict, methods: list[str]) -> dict:
         if "fake/w-rtn" in metrics and f"fake/w-{m}" in metrics:
             s["kl_vs_rtn"] = metrics[f"fake/w-{m}"]["kl"] / metrics["fake/w-rtn"]["kl"]
             s["top1_minus_rtn"] = metrics[f"fake/w-{m}"]["top1"] - metrics["fake/w-rtn"]["top1"]
-        if f"adallm/w-{m}" in metrics and f"fake/w-{m}" in metrics:
-            s["adallm_kl_over_fake"] = metrics[f"adallm/w-{m}"]["kl"] / metrics[f"fake/w-{m}"]["kl"]
+        # the fake-quant copy holding the adallm model's weights (rtn/mse: fake/w-m quantizes to the same ones)
+        same = f"fake/w-{m}@adallm" if f"fake/w-{m}@adallm" in metrics else f"fake/w-{m}"
+        if f"adallm/w-{m}" in metrics and same in metrics:
+            s["adallm_kl_over_fake"] = metrics[f"adallm/w-{m}"]["kl"] / metrics[same]["kl"]
+        if same != f"fake/w-{m}" and same in metrics and f"fake/w-{m}" in metrics:
+            s["fake_kl_adallm_weights_over_fake_recipe"] = metrics[same]["kl"] / metrics[f"fake/w-{m}"]["kl"]
         out[m] = s
     return out
 
