@@ -63,7 +63,11 @@ def _decode_step(model):
 
 
 def _compiled_decode_step(model):
-    return torch.compile(_decode_step(model), fullgraph=True, dynamic=False)
+    step = _decode_step(model)
+    # Dynamo counts recompilations (limit: torch._dynamo.config.recompile_limit, 8) per code object, and
+    # every model's `step` shares one: give each model its own, so only its batch sizes count.
+    step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
+    return torch.compile(step, fullgraph=True, dynamic=False)
 
 
 class _LateFlags:

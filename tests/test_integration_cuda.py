@@ -50,6 +50,7 @@ def test_graph_decode_replays_the_compiled_step(family, graphs_off):
     choice given its prefix (inductor's fused norms round differently from eager, so near-ties may break
     the other way)."""
     from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # one compiled step per model, and the tests build many: stay under the recompile limit
     torch.manual_seed(0)
     model = tiny_model(family, device="cuda")
     adallm.patch(model, progress=False)
@@ -71,7 +72,7 @@ def test_graph_decode_replays_the_compiled_step(family, graphs_off):
     full_mask = torch.cat((mask, torch.ones_like(graph)), dim=1)
     logits = teacher_force(model, adallm.Fp8KVCache(model.config, seq.shape[1]), seq,
                            list(range(ids.shape[1], seq.shape[1])), full_mask)[:, ids.shape[1] - 1:]
-    margin = logits.amax(-1) - logits.gather(-1, graph.cuda().unsqueeze(-1)).squeeze(-1)
+    margin = logits.amax(-1) - logits.gather(-1, graph.to(logits.device).unsqueeze(-1)).squeeze(-1)
     assert (margin <= 0.01 * logits.abs().amax()).all(), "a decoded token is not (near) eager's choice"
 
 
@@ -90,6 +91,7 @@ def test_graph_decode_stops_at_eos_and_streams():
         def end(self):
             pass
 
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = tiny_model("qwen3", device="cuda")
     adallm.patch(model, progress=False)
