@@ -159,7 +159,7 @@ def test_moe_expert_hessians_per_expert():
     with pytest.raises(_Stop):
         quantize_layers(model.model, ids, record)
     x = x0["x"].double()
-    mlp = layer0.mlp
+    mlp = layer0.mlp.requires_grad_(False)
     logits = nn.functional.linear(x, mlp.gate.weight.double()).softmax(-1)
     chosen = logits.topk(model.config.num_experts_per_tok, dim=-1).indices
     ex = mlp.experts
