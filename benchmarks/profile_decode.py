@@ -4,7 +4,6 @@ and the kernels by total time. A step whose wall time is well above its kernel t
     python benchmarks/profile_decode.py qwen3-8b [--batch 1] [--new-tokens 32] [--bf16]
 """
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -20,17 +19,6 @@ def kernel_seconds(fn) -> tuple[float, "profile"]:
         torch.cuda.synchronize()
     total = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
     return total / 1e6, prof
-
-
-def wall_seconds(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -49,7 +37,7 @@ def main() -> None:
     n = a.new_tokens
     gen(n + 1)  # compiles
     gen(n + 1)
-    wall = (wall_seconds(lambda: gen(n + 1)) - wall_seconds(lambda: gen(1))) / n
+    wall = (bench._timed(lambda: gen(n + 1), 3) - bench._timed(lambda: gen(1), 3)) / n
     k_all, prof = kernel_seconds(lambda: gen(n + 1))
     k_prefill, _ = kernel_seconds(lambda: gen(1))
     gpu = (k_all - k_prefill) / n

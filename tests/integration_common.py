@@ -17,6 +17,7 @@ import copy
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.generation.streamers import BaseStreamer
 
 import adallm
 from adallm.linear import NVFP4Linear
@@ -373,3 +374,16 @@ class DirectStep:
 
     def __call__(self, ids, pos):
         return self.step(ids, pos, self.cache)
+
+
+class CollectingStreamer(BaseStreamer):
+    """A transformers streamer that keeps what it is given: token lists, then "end"."""
+
+    def __init__(self):
+        self.seen = []
+
+    def put(self, value):
+        self.seen.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.seen.append("end")

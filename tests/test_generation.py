@@ -3,8 +3,7 @@ eager call (on CUDA the step is compiled and replayed as a CUDA graph: tests/tes
 tokens, scores, stopping, streaming and the cache must equal transformers' loop exactly."""
 import pytest
 import torch
-from integration_common import DirectStep, cache_kw, left_pad, tiny_model
-from transformers.generation.streamers import BaseStreamer
+from integration_common import CollectingStreamer, DirectStep, cache_kw, left_pad, tiny_model
 
 import adallm
 from adallm import generation
@@ -19,23 +18,12 @@ def loop_on_cpu(monkeypatch):
     monkeypatch.setattr(generation, "_GraphStep", DirectStep)
 
 
-class Collect(BaseStreamer):
-    def __init__(self):
-        self.seen = []
-
-    def put(self, value):
-        self.seen.append(value.reshape(-1).tolist())
-
-    def end(self):
-        self.seen.append("end")
-
-
 def both_loops(model, seed=0, **kw):
     """generate through adallm's loop and through transformers' (disable_compile routes the call there)."""
     outs = []
     for hf in (False, True):
         torch.manual_seed(seed)
-        streamer = Collect() if kw.get("input_ids").shape[0] == 1 else None
+        streamer = CollectingStreamer() if kw.get("input_ids").shape[0] == 1 else None
         out = model.generate(**kw, streamer=streamer, return_dict_in_generate=True, output_scores=True,
                              disable_compile=hf)
         cache = getattr(out, "cache", None) or out.past_key_values

@@ -2,8 +2,8 @@
 (adallm/generation.py), and the peak memory of patch on Qwen3-8B layer shapes."""
 import pytest
 import torch
-from integration_common import (DirectStep, check_batch_matches_alone, check_continuation, check_greedy, check_logits, generate,
-                                left_pad, teacher_force, tiny_model)
+from integration_common import (CollectingStreamer, DirectStep, check_batch_matches_alone, check_continuation,
+                                check_greedy, check_logits, generate, left_pad, teacher_force, tiny_model)
 
 import adallm
 
@@ -79,18 +79,6 @@ def test_graph_decode_replays_the_compiled_step(family, graphs_off):
 def test_graph_decode_stops_at_eos_and_streams():
     """All rows hitting EOS end generate one step late on the device; the loop undoes that step: the output
     and the streamed tokens are those of the direct loop up to EOS, and the cache forgets the extra token."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.seen = []
-
-        def put(self, value):
-            self.seen.append(value.reshape(-1).tolist())
-
-        def end(self):
-            pass
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = tiny_model("qwen3", device="cuda")
@@ -101,12 +89,12 @@ def test_graph_decode_stops_at_eos_and_streams():
     eos = int(free[0, 9])
     first = int((free[0] == eos).nonzero()[0])  # the first step that emits that token
     model.generation_config.eos_token_id = eos
-    streamer = Collect()
+    streamer = CollectingStreamer()
     out = model.generate(ids, max_new_tokens=24, do_sample=False, streamer=streamer,
                          return_dict_in_generate=True)
     tokens = out.sequences[0, 16:].cpu()
     assert tokens.tolist() == free[0, :first + 1].tolist()
-    assert sum(streamer.seen[1:], []) == tokens.tolist()  # seen[0] is the prompt
+    assert sum(streamer.seen[1:-1], []) == tokens.tolist()  # the prompt, the new tokens, "end"
     cache = getattr(out, "cache", None) or out.past_key_values
     assert cache.get_seq_length() == 16 + first
 
