@@ -185,3 +185,13 @@ def test_bad_input():
         adallm.patch(copy.deepcopy(model), method="gptq", calibration=ids + 256, progress=False)
     with pytest.raises(ValueError, match="bfloat16/float16"):
         adallm.patch(copy.deepcopy(model).float(), method="gptq", calibration=ids, progress=False)
+
+
+def test_self_generated_calibration():
+    model = tiny_model("qwen3")
+    state = torch.get_rng_state()
+    a = self_generated_calibration(model, 3, 10, bos_token_id=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+    assert a.shape == (3, 10) and a.dtype == torch.long and bool((a[:, 0] == 1).all())
+    assert torch.equal(a, self_generated_calibration(model, 3, 10, bos_token_id=1))  # seeded
+    assert not torch.equal(a, self_generated_calibration(model, 3, 10, bos_token_id=1, seed=1))
