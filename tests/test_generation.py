@@ -19,16 +19,24 @@ def loop_on_cpu(monkeypatch):
 
 
 def both_loops(model, seed=0, **kw):
-    """generate through adallm's loop and through transformers' (disable_compile routes the call there)."""
+    """generate through adallm's loop and through transformers' (disable_compile routes the call there):
+    for each, (sequences, scores, raw logits, streamed tokens or None, cache length)."""
     outs = []
     for hf in (False, True):
         torch.manual_seed(seed)
         streamer = CollectingStreamer() if kw.get("input_ids").shape[0] == 1 else None
         out = model.generate(**kw, streamer=streamer, return_dict_in_generate=True, output_scores=True,
-                             disable_compile=hf)
+                             output_logits=True, disable_compile=hf)
         cache = getattr(out, "cache", None) or out.past_key_values
-        outs.append((out.sequences, torch.stack(out.scores), streamer and streamer.seen, int(cache.get_seq_length())))
+        outs.append((out.sequences, torch.stack(out.scores), torch.stack(out.logits), streamer and streamer.seen,
+                     int(cache.get_seq_length())))
     return outs
+
+
+def assert_same(ours, theirs):
+    assert torch.equal(ours[0], theirs[0]), (ours[0], theirs[0])
+    assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])
+    assert ours[3] == theirs[3] and ours[4] == theirs[4]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -40,9 +48,8 @@ def test_left_padded_greedy_and_sampling_equal_transformers_loop(family, loop_on
     ids, mask = left_pad([torch.randint(1, model.config.vocab_size, (n,)) for n in (14, 9)])
     for sample in ({}, dict(do_sample=True, top_k=30, temperature=0.8)):
         ours, theirs = both_loops(model, input_ids=ids, attention_mask=mask, max_new_tokens=20, **sample)
-        assert torch.equal(ours[0], theirs[0]), (sample, ours[0], theirs[0])
-        assert torch.equal(ours[1], theirs[1])
-        assert ours[3] == theirs[3] == 14 + 19
+        assert_same(ours, theirs)
+        assert ours[4] == 14 + 19
 
 
 def test_eos_stop_streaming_and_cache_equal_transformers_loop(loop_on_cpu):
@@ -57,10 +64,43 @@ def test_eos_stop_streaming_and_cache_equal_transformers_loop(loop_on_cpu):
     first = int((free == eos).nonzero()[0])
     model.generation_config.eos_token_id = eos
     ours, theirs = both_loops(model, input_ids=ids, max_new_tokens=24, do_sample=False)
-    assert ours[0].tolist() == theirs[0].tolist() == [ids[0].tolist() + free[:first + 1].tolist()]
-    assert torch.equal(ours[1], theirs[1])
-    assert ours[2] == theirs[2]  # streamed: the prompt, each token, end
-    assert ours[3] == theirs[3] == 12 + first
+    assert_same(ours, theirs)  # the streamed lists too: the prompt, each token, "end"
+    assert ours[0].tolist() == [ids[0].tolist() + free[:first + 1].tolist()]
+    assert ours[4] == 12 + first
+    # One new token: no decode step at all.
+    assert_same(*both_loops(model, input_ids=ids, max_new_tokens=1, do_sample=False))
+
+
+def test_one_row_stopping_early_is_padded_as_transformers_does(loop_on_cpu):
+    torch.manual_seed(0)
+    model = tiny_model("gemma3")
+    adallm.patch(model, progress=False)
+    model.generation_config.eos_token_id = None
+    ids, mask = left_pad([torch.randint(1, model.config.vocab_size, (n,)) for n in (14, 9)])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)[:, 14:]
+    model.generation_config.eos_token_id = int(free[0, 4])
+    model.generation_config.pad_token_id = 0
+    ours, theirs = both_loops(model, input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert_same(ours, theirs)
+
+
+def test_continuation_from_a_user_cache_equals_transformers_loop(loop_on_cpu):
+    """A second turn on the cache the first turn filled (prefill over a cached prefix, then decode)."""
+    torch.manual_seed(0)
+    model = tiny_model("gemma3")
+    adallm.patch(model, progress=False)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(1, model.config.vocab_size, (1, 10))
+    user_turn = torch.randint(1, model.config.vocab_size, (1, 5))
+    results = []
+    for hf in (False, True):
+        cache = adallm.Fp8KVCache(model.config, 64)
+        first = model.generate(ids, max_new_tokens=6, do_sample=False, disable_compile=hf, **{cache_kw(model): cache})
+        turn2 = torch.cat([first, user_turn], dim=1)
+        second = model.generate(turn2, max_new_tokens=8, do_sample=False, disable_compile=hf,
+                                **{cache_kw(model): cache})
+        results.append((second, int(cache.get_seq_length())))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] == 21 + 7
 
 
 def test_cache_too_small_is_a_clear_error(loop_on_cpu):
