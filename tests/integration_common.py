@@ -148,6 +148,21 @@ def reference_models(family: str, dtype: torch.dtype = torch.bfloat16, model=Non
     return patched, ref, copy.deepcopy(ref).double()
 
 
+def tiny_multimodal_gemma3():
+    """A tiny random bf16 Gemma3ForConditionalGeneration (SigLIP tower, 3 text layers, window 8), sdpa."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    text = Gemma3TextConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=8,
+                            query_pre_attn_scalar=48, max_position_embeddings=1024,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=255,
+                       boi_token_index=253, eoi_token_index=254)
+    cfg._attn_implementation = "sdpa"
+    return Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+
+
 def generate(model, ids, mask=None, new=64, cache=None, **kw):
     """Greedy by default. Returns (new tokens [B, new], the cache generate used)."""
     cache_arg = {} if cache is None else {cache_kw(model): cache}

@@ -3,7 +3,7 @@ eager call (on CUDA the step is compiled and replayed as a CUDA graph: tests/tes
 tokens, scores, stopping, streaming and the cache must equal transformers' loop exactly."""
 import pytest
 import torch
-from integration_common import CollectingStreamer, DirectStep, cache_kw, left_pad, tiny_model
+from integration_common import CollectingStreamer, DirectStep, cache_kw, left_pad, tiny_model, tiny_multimodal_gemma3
 
 import adallm
 from adallm import generation
@@ -69,6 +69,16 @@ def test_eos_stop_streaming_and_cache_equal_transformers_loop(loop_on_cpu):
     assert ours[4] == 12 + first
     # One new token: no decode step at all.
     assert_same(*both_loops(model, input_ids=ids, max_new_tokens=1, do_sample=False))
+
+
+def test_gemma3_multimodal_text_equals_transformers_loop(loop_on_cpu):
+    """The VLM's forward takes the decode step's arguments (its text tower is patched)."""
+    torch.manual_seed(0)
+    model = tiny_multimodal_gemma3()
+    adallm.patch(model, progress=False)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(1, 250, (1, 12))
+    assert_same(*both_loops(model, input_ids=ids, max_new_tokens=10, do_sample=False))
 
 
 def test_one_row_stopping_early_is_padded_as_transformers_does(loop_on_cpu):

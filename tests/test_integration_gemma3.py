@@ -40,26 +40,12 @@ def test_sliding_layers_get_window_sized_ring_buffers():
     assert cache.is_sliding == [True, True, False] and cache.is_compileable
 
 
-def _tiny_multimodal():
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
-    text = Gemma3TextConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=8,
-                            query_pre_attn_scalar=48, max_position_embeddings=1024,
-                            layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
-    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=255,
-                       boi_token_index=253, eoi_token_index=254)
-    cfg._attn_implementation = "sdpa"
-    return Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
-
-
 def test_multimodal_text_tower():
     """Gemma3ForConditionalGeneration: the text tower is patched, the vision tower is not, and text logits
     match the dequantized reference (FP8 cache and DynamicCache, prefill + decode)."""
-    from integration_common import reference_models
+    from integration_common import reference_models, tiny_multimodal_gemma3
     torch.manual_seed(0)
-    models = reference_models("gemma3", model=_tiny_multimodal())
+    models = reference_models("gemma3", model=tiny_multimodal_gemma3())
     patched = models[0]
     assert all(isinstance(layer.self_attn, NVFP4Attention) for layer in patched.model.language_model.layers)
     assert any(isinstance(m, torch.nn.Linear) for m in patched.model.vision_tower.modules())
