@@ -3,14 +3,16 @@
 Why: transformers' `_sample` reads "are all rows finished?" on the host after every step (its deferred
 check is off on CUDA), so the host's per-step work (preparing inputs, the compiled call's guards, logits
 processors) never overlaps the GPU. Measured on Qwen3-8B shapes, NVFP4, batch 1 (H100): 3.4 ms of GPU
-kernels per step took 4.6 ms.
+kernels per step took 4.6 ms that way, and 3.55 ms with this loop (benchmarks/results/gpu_runs.md).
 
 This loop (installed by `adallm.patch` as the model's `_sample`, which greedy search and sampling use):
   - prefill: transformers' own `_prefill`, unchanged;
   - decode: the model forward for one token per row, compiled by torch.compile (inductor fuses the norms
     and RoPE around the adallm ops; no CUDA graphs of its own). The first step runs it directly (and
     compiles it on the first call); the second step is captured into a CUDA graph with static token and
-    position buffers, and every later step replays that graph;
+    position buffers, and every later step replays that graph. The graph is kept with the cache it was
+    captured on, and `generate` reuses its cache across calls of the same shape (kv_cache.py), so later
+    calls replay from their first step;
   - logits processors, sampling and stopping criteria run as in transformers (device ops, any processor);
   - the "all rows finished" flag and the streamer's tokens travel to the host through pinned memory and
     are read one step late, so the host queues step t + 1 while the GPU runs step t. When the flag says
