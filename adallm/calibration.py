@@ -92,7 +92,7 @@ def quantize_layers(text_model: nn.Module, ids: torch.Tensor,
             for h in hooks:
                 h.remove()
         quantize_layer(layer, hessians)
-        del hessians
+        del hessians  # freed before the next forward: one layer's hessians at a time
         x = _hidden(layer(x, *args, **kwargs))
     out = text_model.norm(x).reshape(-1, x.shape[-1]).float()
     return out.T @ out
