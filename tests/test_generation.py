@@ -33,6 +33,15 @@ def both_loops(model, seed=0, **kw):
     return outs
 
 
+def patched(family: str = "qwen3", model=None):
+    """A seeded tiny model of `family` (or `model`), patched, with no EOS (the tests set one when they need it)."""
+    torch.manual_seed(0)
+    model = model if model is not None else tiny_model(family)
+    adallm.patch(model, progress=False)
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def assert_same(ours, theirs):
     assert torch.equal(ours[0], theirs[0]), (ours[0], theirs[0])
     assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])
@@ -41,10 +50,7 @@ def assert_same(ours, theirs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_greedy_and_sampling_equal_transformers_loop(family, loop_on_cpu):
-    torch.manual_seed(0)
-    model = tiny_model(family)
-    adallm.patch(model, progress=False)
-    model.generation_config.eos_token_id = None
+    model = patched(family)
     ids, mask = left_pad([torch.randint(1, model.config.vocab_size, (n,)) for n in (14, 9)])
     for sample in ({}, dict(do_sample=True, top_k=30, temperature=0.8)):
         ours, theirs = both_loops(model, input_ids=ids, attention_mask=mask, max_new_tokens=20, **sample)
@@ -54,10 +60,7 @@ def test_left_padded_greedy_and_sampling_equal_transformers_loop(family, loop_on
 
 def test_eos_stop_streaming_and_cache_equal_transformers_loop(loop_on_cpu):
     """Every row done: adallm's loop learns it a step late and undoes that step."""
-    torch.manual_seed(0)
-    model = tiny_model("qwen3")
-    adallm.patch(model, progress=False)
-    model.generation_config.eos_token_id = None
+    model = patched("qwen3")
     ids = torch.randint(1, model.config.vocab_size, (1, 12))
     free = model.generate(ids, max_new_tokens=24, do_sample=False)[0, 12:]
     eos = int(free[7])
@@ -73,19 +76,13 @@ def test_eos_stop_streaming_and_cache_equal_transformers_loop(loop_on_cpu):
 
 def test_gemma3_multimodal_text_equals_transformers_loop(loop_on_cpu):
     """The VLM's forward takes the decode step's arguments (its text tower is patched)."""
-    torch.manual_seed(0)
-    model = tiny_multimodal_gemma3()
-    adallm.patch(model, progress=False)
-    model.generation_config.eos_token_id = None
+    model = patched(model=tiny_multimodal_gemma3())
     ids = torch.randint(1, 250, (1, 12))
     assert_same(*both_loops(model, input_ids=ids, max_new_tokens=10, do_sample=False))
 
 
 def test_one_row_stopping_early_is_padded_as_transformers_does(loop_on_cpu):
-    torch.manual_seed(0)
-    model = tiny_model("gemma3")
-    adallm.patch(model, progress=False)
-    model.generation_config.eos_token_id = None
+    model = patched("gemma3")
     ids, mask = left_pad([torch.randint(1, model.config.vocab_size, (n,)) for n in (14, 9)])
     free = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)[:, 14:]
     model.generation_config.eos_token_id = int(free[0, 4])
@@ -96,10 +93,7 @@ def test_one_row_stopping_early_is_padded_as_transformers_does(loop_on_cpu):
 
 def test_continuation_from_a_user_cache_equals_transformers_loop(loop_on_cpu):
     """A second turn on the cache the first turn filled (prefill over a cached prefix, then decode)."""
-    torch.manual_seed(0)
-    model = tiny_model("gemma3")
-    adallm.patch(model, progress=False)
-    model.generation_config.eos_token_id = None
+    model = patched("gemma3")
     ids = torch.randint(1, model.config.vocab_size, (1, 10))
     user_turn = torch.randint(1, model.config.vocab_size, (1, 5))
     results = []
