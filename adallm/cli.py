@@ -16,10 +16,30 @@ def _gib(n: int) -> str:
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     from .checkpoint import from_pretrained, resolve, save_pretrained
-    model = from_pretrained(a.src, device=a.device, quantize_lm_head=a.quantize_lm_head, method=a.method)
+    if a.method == "gptq":
+        model = _quantize_gptq(a)
+    else:
+        model = from_pretrained(a.src, device=a.device, quantize_lm_head=a.quantize_lm_head, method=a.method)
     save_pretrained(model, a.dst, tokenizer=_tokenizer(resolve(a.src), required=False),
                     max_shard_size=a.max_shard_size)
     print(f"adallm: wrote {a.dst}", file=sys.stderr)
+
+
+def _quantize_gptq(a: argparse.Namespace):
+    """gptq holds the whole BF16 model: it samples its own calibration text, then quantizes layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    from .calibration import self_generated_calibration
+    from .checkpoint import _default_device, detect_quantization, read_config, resolve
+    from .patching import patch
+    path = resolve(a.src)
+    if detect_quantization(read_config(path)[1], path) is not None:
+        raise SystemExit(f"adallm: {a.src} is already quantized; --method gptq needs a BF16 checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=_default_device(a.device),
+                                                 attn_implementation="sdpa")
+    print(f"adallm: sampling {a.calib_seqs} x {a.calib_len} calibration tokens", file=sys.stderr)
+    ids = self_generated_calibration(model, n=a.calib_seqs, length=a.calib_len, bos_token_id=a.calib_bos)
+    return patch(model, method="gptq", calibration=ids, quantize_lm_head=a.quantize_lm_head)
 
 
 def _tokenizer(path: str, required: bool = True):
@@ -98,9 +118,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="source checkpoint: local directory or Hugging Face Hub id")
     q.add_argument("dst", help="output directory")
     q.add_argument("--device", help="where to quantize (default: cuda if available, else cpu)")
-    q.add_argument("--method", default=nvfp4.DEFAULT_METHOD, choices=("rtn", "mse"),
-                   help=f"NVFP4 quantizer: rtn (ModelOpt's round-to-nearest) or mse (per-block scale search, "
-                        f"same format; default {nvfp4.DEFAULT_METHOD})")
+    q.add_argument("--method", default=nvfp4.DEFAULT_METHOD, choices=nvfp4.METHODS,
+                   help=f"NVFP4 quantizer, all the same format: rtn (ModelOpt's round-to-nearest), mse (per-block "
+                        f"scale search), gptq (error compensation on text the model samples itself; loads the "
+                        f"whole BF16 model; the most accurate); default {nvfp4.DEFAULT_METHOD}")
+    q.add_argument("--calib-seqs", type=int, default=32, help="gptq: calibration sequences (default 32)")
+    q.add_argument("--calib-len", type=int, default=256, help="gptq: tokens per calibration sequence (default 256)")
+    q.add_argument("--calib-bos", type=int, help="gptq: token id the calibration text starts from (default: the "
+                   "model's BOS)")
     q.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: keep BF16)")
     q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     q.set_defaults(fn=cmd_quantize)

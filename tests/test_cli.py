@@ -51,6 +51,26 @@ def test_quantize_then_info(bf16_ckpt, tmp_path, capsys):
                                                                                                "model.embed_tokens"]
 
 
+def test_quantize_gptq_writes_what_patch_makes(bf16_ckpt, tmp_path):
+    """--method gptq: the checkpoint holds what adallm.patch(method="gptq") makes from the same (seeded)
+    self-generated calibration, and differs from the default quantizer's."""
+    from transformers import AutoModelForCausalLM
+
+    import adallm
+    from adallm.calibration import self_generated_calibration
+    out = tmp_path / "gptq"
+    cli.main(["quantize", str(bf16_ckpt), str(out), "--device", "cpu", "--method", "gptq", "--calib-seqs", "3",
+              "--calib-len", "12", "--calib-bos", "1"])
+    model = AutoModelForCausalLM.from_pretrained(str(bf16_ckpt), dtype=torch.bfloat16, attn_implementation="sdpa")
+    ids = self_generated_calibration(model, n=3, length=12, bos_token_id=1)
+    ref = adallm.patch(model, method="gptq", calibration=ids, progress=False).state_dict()
+    got = from_pretrained(str(out), device="cpu", progress=False).state_dict()
+    mse = from_pretrained(str(bf16_ckpt), device="cpu", progress=False).state_dict()
+    packed = [k for k in ref if k.endswith("weight") and ref[k].dtype == torch.uint8]
+    assert len(packed) == 8 and all(torch.equal(ref[k], got[k]) for k in packed)  # 4 fused modules x 2 layers
+    assert not all(torch.equal(mse[k], got[k]) for k in packed)
+
+
 def test_prompt_goes_through_chat_template():
     ids = cli.prompt_inputs(tiny_tokenizer(chat=True), "w5 w6").input_ids[0].tolist()
     assert ids == [125, 5, 6, 126]  # <user> w5 w6 <assistant>
@@ -69,7 +89,8 @@ def test_generate_streams_tokens(bf16_ckpt, capsys, sampling):
 def test_help_documents_every_flag():
     import argparse
     sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for name, flags in {"quantize": ["--device", "--method", "--quantize-lm-head", "--max-shard-size"],
+    for name, flags in {"quantize": ["--device", "--method", "--quantize-lm-head", "--max-shard-size", "--calib-seqs",
+                                     "--calib-len", "--calib-bos"],
                         "generate": ["--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device",
                                      "--system", "--no-chat-template", "--quiet"],
                         "info": ["--json"]}.items():
