@@ -35,8 +35,9 @@ def _quantize_gptq(a: argparse.Namespace):
     path = resolve(a.src)
     if detect_quantization(read_config(path)[1], path) is not None:
         raise SystemExit(f"adallm: {a.src} is already quantized; --method gptq needs a BF16 checkpoint")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=_default_device(a.device),
-                                                 attn_implementation="sdpa")
+    # Through host memory, then to the device: device_map would need accelerate, which adallm does not.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to(_default_device(a.device))
     print(f"adallm: sampling {a.calib_seqs} x {a.calib_len} calibration tokens", file=sys.stderr)
     ids = self_generated_calibration(model, n=a.calib_seqs, length=a.calib_len, bos_token_id=a.calib_bos)
     return patch(model, method="gptq", calibration=ids, quantize_lm_head=a.quantize_lm_head)
