@@ -106,6 +106,24 @@ def decode_bytes_per_token(model: nn.Module) -> int:
     return total + cfg.hidden_size * 2
 
 
+def kv_cache_bytes(config, context: int) -> dict:
+    """Bytes of the FP8 KV cache for one sequence of `context` tokens, as Fp8KVCache allocates them (its
+    buffers built on the meta device), against a BF16 cache holding `context` tokens in every layer.
+    Sliding-window layers hold min(window, context) tokens, so their share stays fixed as context grows."""
+    from .kv_cache import Fp8KVCache
+    text = config.get_text_config(decoder=True)
+    cache = Fp8KVCache(config, context)
+    kv = torch.empty(1, text.num_key_value_heads, 1, text.head_dim, device="meta")
+    fp8 = 0
+    for layer in cache.layers:
+        layer.lazy_initialization(kv, kv)
+        fp8 += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values, layer.key_scale,
+                                                            layer.value_scale))
+    bf16 = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2 * context
+    return dict(context=context, fp8_bytes=fp8, bf16_full_bytes=bf16, fp8_bytes_per_token=fp8 / context,
+                bf16_bytes_per_token=bf16 / context, ratio=fp8 / bf16)
+
+
 def _timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -163,6 +181,8 @@ def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 
                          torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
                          commit=git_commit())
     model = build_model(name)
+    results["kv_cache_per_sequence"] = [kv_cache_bytes(model.config, c) for c in (prompt_len + new_tokens, 8192,
+                                                                                    32768)]
     rows = {}
     if baseline:
         rows["bf16"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw,
@@ -211,6 +231,11 @@ def print_table(res: dict) -> None:
             print(f"{impl:8} {r['batch']:5d} {r['ttft_ms']:9.1f} {r['decode_ms_per_step']:8.2f} "
                   f"{r['decode_tok_s']:9.1f} {r['pct_of_floor']:7.1f}% {r['peak_gib']:9.2f}")
         print(f"{impl:8} prefill {rows['prefill_tok_s']:.0f} tok/s (ttft {rows['prefill_ttft_ms']:.0f} ms)")
+    for kv in res["kv_cache_per_sequence"]:
+        print(f"KV cache, one sequence of {kv['context']} tokens: FP8 {kv['fp8_bytes'] / 2**20:.1f} MiB "
+              f"({kv['fp8_bytes_per_token'] / 1024:.1f} KiB/token) vs BF16 full "
+              f"{kv['bf16_full_bytes'] / 2**20:.1f} MiB ({kv['bf16_bytes_per_token'] / 1024:.1f} KiB/token): "
+              f"{kv['ratio']:.3f}x")
     for key in ("decode_speedup", "peak_memory_ratio_b1", "prefill_ratio"):
         if key in res:
             print(f"{key}: {res[key]}")

@@ -106,3 +106,18 @@ def test_cache_follows_layer_types_and_rejects_others():
         Fp8KVCache(cfg, 50)
     with pytest.raises(RuntimeError, match="adallm.patch"):
         cache.update(torch.zeros(1, 1, 1, D), torch.zeros(1, 1, 1, D), 0)
+
+
+def test_kv_bytes_report_counts_window_sized_sliding_layers():
+    """`adallm bench`'s KV report: 2 sliding layers (window 8) and 1 full layer, Hkv 2, D 64, 64 tokens:
+    K and V are 1 byte per element plus a 4-byte scale per (token, head)."""
+    from transformers import Gemma3TextConfig
+
+    from adallm.bench import kv_cache_bytes
+    cfg = Gemma3TextConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=8,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    kv = kv_cache_bytes(cfg, 64)
+    assert kv["fp8_bytes"] == 2 * 2 * (8 + 8 + 64) * (64 + 4)
+    assert kv["bf16_full_bytes"] == 2 * 3 * 2 * 64 * 64 * 2
+    assert kv["fp8_bytes_per_token"] == kv["fp8_bytes"] / 64
