@@ -171,7 +171,9 @@ def measure_prefill(model: nn.Module, prompt_len: int, repeats: int = 3, **gener
 
 
 def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 128, prefill_len: int = 2048,
-        baseline: bool = True, repeats: int = 3) -> dict:
+        baseline: bool = True, repeats: int = 3, context: int | None = None) -> dict:
+    """context: size every KV cache for this many tokens per sequence (generate's max_cache_len), so the
+    peak memory shows what a long conversation needs; default: just the prompt and the new tokens."""
     import adallm
 
     bw = copy_bandwidth()
@@ -179,14 +181,15 @@ def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 
 
     results: dict = dict(model=name, gpu=torch.cuda.get_device_name(), copy_bandwidth_GBs=bw / 1e9,
                          torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
-                         commit=git_commit())
+                         commit=git_commit(), context=context)
+    sized = {} if context is None else dict(max_cache_len=context)
     model = build_model(name)
-    results["kv_cache_per_sequence"] = [kv_cache_bytes(model.config, c) for c in (prompt_len + new_tokens, 8192,
-                                                                                    32768)]
+    contexts = sorted({context or prompt_len + new_tokens, 8192, 32768})
+    results["kv_cache_per_sequence"] = [kv_cache_bytes(model.config, c) for c in contexts]
     rows = {}
     if baseline:
         rows["bf16"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw,
-                                    cache_implementation="static")
+                                    cache_implementation="static", **sized)
         # Drop the baseline's compiled graphs (and their CUDA-graph memory pools) before patching, so
         # AdaLLM's peak memory is its own; the patched model compiles afresh.
         if hasattr(model, "_compiled_call"):
@@ -196,7 +199,7 @@ def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 
     torch.cuda.empty_cache()
     adallm.patch(model)
     torch.cuda.empty_cache()
-    rows["adallm"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw)
+    rows["adallm"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw, **sized)
     results["rows"] = rows
     if baseline:
         b1 = {r["batch"]: r for r in rows["bf16"]["decode"]}
@@ -251,12 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill-len", type=int, default=2048)
     p.add_argument("--no-baseline", action="store_true", help="skip transformers BF16 (e.g. it does not fit)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--context", type=int, help="size the KV caches for this many tokens per sequence (peak memory "
+                   "of a long context); default: prompt + new tokens")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("adallm bench needs a CUDA GPU")
     res = run(a.model, tuple(int(b) for b in a.batches.split(",")), a.prompt_len, a.new_tokens, a.prefill_len,
-              not a.no_baseline, a.repeats)
+              not a.no_baseline, a.repeats, a.context)
     print_table(res)
     if a.out:
         with open(a.out, "w") as f:

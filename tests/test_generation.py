@@ -113,3 +113,12 @@ def test_cache_too_small_is_a_clear_error(loop_on_cpu):
     cache = adallm.Fp8KVCache(model.config, 16)
     with pytest.raises(ValueError, match="needs 19 positions but the FP8 KV cache holds 16"):
         model.generate(torch.randint(1, 100, (1, 8)), max_new_tokens=12, min_new_tokens=12, **{cache_kw(model): cache})
+
+
+def test_max_cache_len_sizes_the_fp8_cache():
+    """generate(max_cache_len=N) (what `adallm bench --context` passes) sizes the FP8 cache for N tokens."""
+    model = patched("gemma3")
+    out = model.generate(torch.randint(1, 200, (1, 6)), max_new_tokens=3, max_cache_len=100,
+                         return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert cache.capacity == 100 and [layer.max_cache_len for layer in cache.layers] == [8, 8, 100]
