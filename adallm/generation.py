@@ -44,7 +44,7 @@ class _GraphStep:
         self.ids, self.pos = ids.clone(), pos.clone()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = compiled_step(self.ids, self.pos, cache)
+            self.logits = _run_compiled(compiled_step, self.ids, self.pos, cache)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -70,6 +70,18 @@ def _compiled_decode_step(model):
     # every model's `step` shares one: give each model its own, so only its batch sizes count.
     step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
     return torch.compile(step, fullgraph=True, dynamic=False)
+
+
+def _run_compiled(step, *args) -> torch.Tensor:
+    """Calls (or captures) the compiled step; a compilation failure becomes an error that says what to do."""
+    try:
+        return step(*args)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        raise RuntimeError(
+            f"adallm: torch.compile failed on the decode step ({str(e).splitlines()[0]}). "
+            "generate(..., disable_compile=True) decodes with transformers' loop and eager steps instead; if the "
+            "cause is the recompile limit (one compilation per batch size), raise "
+            "torch._dynamo.config.recompile_limit") from e
 
 
 class _LateFlags:
@@ -179,7 +191,7 @@ def _sample(self, input_ids, logits_processor, stopping_criteria, generation_con
             break
         ids = next_tokens[:, None]
         if graph is None and flags.step == 1:
-            logits = self._adallm_decode_step(ids, pos, cache)  # the model's first call compiles it
+            logits = _run_compiled(self._adallm_decode_step, ids, pos, cache)  # the model's first call compiles
         else:
             if graph is None:
                 graph = _GraphStep(self._adallm_decode_step, cache, ids, pos)

@@ -122,3 +122,16 @@ def test_max_cache_len_sizes_the_fp8_cache():
                          return_dict_in_generate=True)
     cache = getattr(out, "cache", None) or out.past_key_values
     assert cache.capacity == 100 and [layer.max_cache_len for layer in cache.layers] == [8, 8, 100]
+
+
+def test_compile_failure_is_a_clear_error(loop_on_cpu, monkeypatch):
+    def failing(model):
+        def step(ids, pos, cache):
+            raise torch._dynamo.exc.TorchDynamoException("graph break in some layer")
+        return step
+
+    monkeypatch.setattr(generation, "_compiled_decode_step", failing)
+    model = patched("qwen3")
+    with pytest.raises(RuntimeError, match="graph break in some layer.*disable_compile=True"):
+        model.generate(torch.randint(1, 200, (1, 6)), max_new_tokens=4)
+    assert model.generate(torch.randint(1, 200, (1, 6)), max_new_tokens=4, disable_compile=True).shape == (1, 10)
