@@ -119,8 +119,7 @@ class _LateFlags:
 _DEVICES = ("cuda",)  # where the loop runs (tests add "cpu" to check its logic against transformers' loop)
 
 
-def _applies(model, input_ids, generation_config, synced_gpus, model_kwargs) -> bool:
-    cache = model_kwargs.get(cache_kwarg_name(model))
+def _applies(model, input_ids, generation_config, synced_gpus, cache) -> bool:
     return (input_ids.device.type in _DEVICES and isinstance(cache, Fp8KVCache) and not synced_gpus
             and not generation_config.disable_compile and not generation_config.output_attentions
             and not generation_config.output_hidden_states and not model.config.is_encoder_decoder)
@@ -128,12 +127,11 @@ def _applies(model, input_ids, generation_config, synced_gpus, model_kwargs) -> 
 
 def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
             streamer=None, **model_kwargs):
-    if not _applies(self, input_ids, generation_config, synced_gpus, model_kwargs):
+    cache = model_kwargs.get(cache_kwarg_name(self))
+    if not _applies(self, input_ids, generation_config, synced_gpus, cache):
         return self._adallm_hf_sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                       synced_gpus, streamer, **model_kwargs)
     cfg = generation_config
-    cache_key = cache_kwarg_name(self)
-    cache: Fp8KVCache = model_kwargs[cache_key]
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     pad = cfg._pad_token_tensor.to(input_ids.device) if cfg._pad_token_tensor is not None else None
     keep_scores = cfg.return_dict_in_generate and cfg.output_scores

@@ -256,19 +256,18 @@ def use_fp8_cache_in_generate(model) -> None:
         if (model_kwargs.get(key) is not None or generation_config.cache_implementation is not None
                 or generation_config.use_cache is False or getattr(generation_config, "is_assistant", False)):
             return original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        last = getattr(self, "_adallm_cache", None)  # (batch size, Fp8KVCache) of the last call
         # As transformers does for its static cache: never shrink below an earlier call's length (one shape,
         # so a compiled decode step is reused) and honour `max_cache_len` where the version has it.
         max_cache_length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0,
-                               getattr(self, "_adallm_max_cache_length", 0))
-        self._adallm_max_cache_length = max_cache_length
+                               last[1].capacity if last is not None else 0)
         # Reuse the last call's cache when it fits (as transformers does with its static cache): the same
         # buffers let the decode loop replay the CUDA graph it captured then (adallm/generation.py). A
         # cache returned by the last call is therefore reset by this one.
-        last = getattr(self, "_adallm_cache", None)
-        if last is not None and last[0] == (batch_size, max_cache_length):
+        if last is not None and last[0] == batch_size and last[1].capacity == max_cache_length:
             last[1].reset()
         else:
-            self._adallm_cache = last = ((batch_size, max_cache_length), Fp8KVCache(self.config, max_cache_length))
+            self._adallm_cache = last = (batch_size, Fp8KVCache(self.config, max_cache_length))
         model_kwargs[key] = last[1]
 
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
