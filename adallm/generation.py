@@ -3,7 +3,8 @@
 Why: transformers' `_sample` reads "are all rows finished?" on the host after every step (its deferred
 check is off on CUDA), so the host's per-step work (preparing inputs, the compiled call's guards, logits
 processors) never overlaps the GPU. Measured on Qwen3-8B shapes, NVFP4, batch 1 (H100): 3.4 ms of GPU
-kernels per step took 4.6 ms that way, and 3.55 ms with this loop (benchmarks/results/gpu_runs.md).
+kernels per step took 5.45 ms per step that way (128 new tokens), and 3.55 ms with this loop
+(benchmarks/results/gpu_runs.md).
 
 This loop (installed by `adallm.patch` as the model's `_sample`, which greedy search and sampling use):
   - prefill: transformers' own `_prefill`, unchanged;
