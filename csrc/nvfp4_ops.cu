@@ -4,7 +4,7 @@
 //
 // nvfp4_linear picks its kernel by M = rows of x (flattened):
 //   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh)
-//   otherwise                                       -> dequantize W to x.dtype [N, K], then cuBLAS (F.linear)
+//   otherwise                                       -> dequantize W to x.dtype in row chunks, cuBLAS per chunk
 // Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,6 +19,11 @@ namespace adallm {
 namespace {
 
 constexpr int64_t kBlock = 16;  // NVFP4 elements per E4M3 block scale
+// Prefill's dequantized weight chunk: 32 MiB (4096 rows at K = 4096) keeps cuBLAS's GEMMs large (N >= 4096
+// columns per call for K <= 4096) while cutting the temporary of a big fused weight ~6x. Rows come in
+// multiples of 128 so every chunk starts 16-byte aligned in the packed weight and its scales.
+constexpr int64_t kDequantChunkBytes = int64_t{32} << 20;
+constexpr int64_t kDequantChunkRows = 128;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -142,13 +147,26 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
     if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
 
     const bool gemv = m <= kGemvMaxM && k % 32 == 0 && aligned16(weight);
-    if (!gemv) {
-        // Prefill (and awkward K): dequantize to x.dtype and let cuBLAS do the GEMM.
-        const at::Tensor w = dequantize(weight, weight_scale, weight_global_scale, n, k, x.scalar_type());
-        const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-        return at::linear(x2, w, b).reshape(out_shape);
-    }
     at::Tensor y = at::empty({m, n}, x.options());
+    if (!gemv) {
+        // Prefill (and awkward K): dequantize W to x.dtype a chunk of output rows at a time and let cuBLAS
+        // write that chunk's columns of y in place (a row-major slice with stride n: no copy). The dense W
+        // never exists whole (Qwen3-8B's gate_up would be 192 MiB), so prefill needs at most
+        // kDequantChunkBytes on top of the packed weights.
+        const int64_t rows = std::max<int64_t>(kDequantChunkRows, kDequantChunkBytes / (2 * k) / kDequantChunkRows *
+                                                                      kDequantChunkRows);
+        for (int64_t n0 = 0; n0 < n; n0 += rows) {
+            const int64_t nc = std::min(rows, n - n0);
+            const at::Tensor w = dequantize(weight.narrow(0, n0, nc), weight_scale.narrow(0, n0, nc),
+                                            weight_global_scale, nc, k, x.scalar_type());
+            at::Tensor yc = y.narrow(1, n0, nc);
+            if (bias.has_value())
+                at::addmm_out(yc, bias->narrow(0, n0, nc), x2, w.t());
+            else
+                at::mm_out(yc, x2, w.t());
+        }
+        return y.reshape(out_shape);
+    }
     c10::optional<at::Tensor> b;
     if (bias.has_value()) b = bias->contiguous();
     if (x.scalar_type() == at::kHalf)
