@@ -23,7 +23,7 @@ import adallm_ops  # noqa: F401  (loads the CUDA kernels)
 from adallm.bench import copy_bandwidth, git_commit
 
 # name: (Hq, Hkv, D)
-SHAPES = {"qwen3-8b": (32, 8, 128), "gemma3-27b": (32, 16, 128), "d256": (16, 8, 256)}
+SHAPES = {"qwen3-8b": (32, 8, 128), "qwen3-30b-a3b": (32, 4, 128), "gemma3-27b": (32, 16, 128), "d256": (16, 8, 256)}
 CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
 BATCHES = (1, 8)
 TRIALS = 15
@@ -113,13 +113,13 @@ def bench_case(b: int, ctx: int, hq: int, hkv: int, d: int, l2: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/attention.json")
-    ap.add_argument("--quick", action="store_true", help="Qwen3-8B shape only, 4k/32k/128k")
+    ap.add_argument("--quick", action="store_true", help="Qwen3-8B and Qwen3-30B-A3B shapes only, 4k/32k/128k")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     bw = copy_bandwidth()
     print(f"{props.name}: {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, copy bandwidth {bw / 1e9:.0f} GB/s")
-    shapes = {"qwen3-8b": SHAPES["qwen3-8b"]} if args.quick else SHAPES
+    shapes = {k: SHAPES[k] for k in ("qwen3-8b", "qwen3-30b-a3b")} if args.quick else SHAPES
     contexts = (4096, 32768, 131072) if args.quick else CONTEXTS
     rows = []
     hdr = (f"{'B':>2} {'ctx':>7} {'shape (Hq,Hkv,D)':>22} {'fp8 us':>9} {'GB/s':>7} {'% copy':>7} "

@@ -1,4 +1,4 @@
-// E4M3 <-> fp32 conversions and cp.async helpers for the FP8 KV-cache kernels (fp8_kv_write.cuh,
+// E4M3 conversions and cp.async helpers for the FP8 KV-cache kernels (fp8_kv_write.cuh,
 // fp8_decode_attention.cuh). No torch here: raw pointers and CUDA intrinsics only.
 #pragma once
 
@@ -12,9 +12,12 @@ namespace adallm_fp8 {
 
 constexpr float kE4m3Max = 448.f;  // largest finite float8_e4m3fn
 
-// e4m3x4_to_float returns the four values of a word times 1 / e4m3_unpack_factor(): sm_89+ converts
-// exactly with `cvt.rn.f16x2.e4m3x2`; sm_80 has no such instruction and uses a bit trick whose results
-// are 2^-8 too small. Callers multiply the factor back once (into q or the final output), never per element.
+// e4m3x4_to_half2x2 turns the four e4m3 bytes of a word into two f16x2 words, bytes (0, 1) -> lo and
+// (2, 3) -> hi, the lower byte in the lower half (the operand order of mma.sync's f16 fragments), times
+// 1 / e4m3_unpack_factor(): sm_89+ converts exactly with `cvt.rn.f16x2.e4m3x2`; sm_80 has no such
+// instruction and uses a bit trick whose results are 2^-8 too small (e4m3 subnormals become f16
+// subnormals, which the f16 tensor-core path keeps, as Marlin's FP4 dequant relies on too). Callers
+// multiply the factor back once (into q's scale or the final output), never per element.
 __device__ __forceinline__ constexpr float e4m3_unpack_factor() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
   return 256.f;
@@ -23,9 +26,7 @@ __device__ __forceinline__ constexpr float e4m3_unpack_factor() {
 #endif
 }
 
-// byte i of w -> out[i].
-__device__ __forceinline__ void e4m3x4_to_float(uint32_t w, float* out) {
-  uint32_t lo, hi;
+__device__ __forceinline__ void e4m3x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   asm("{\n\t.reg .b16 a, b;\n\tmov.b32 {a, b}, %2;\n\t"
       "cvt.rn.f16x2.e4m3x2 %0, a;\n\tcvt.rn.f16x2.e4m3x2 %1, b;\n\t}"
@@ -39,20 +40,6 @@ __device__ __forceinline__ void e4m3x4_to_float(uint32_t w, float* out) {
   lo = ((x0 >> 1) & 0x3F803F80u) | (x0 & 0x80008000u);
   hi = ((x1 >> 1) & 0x3F803F80u) | (x1 & 0x80008000u);
 #endif
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
-  out[0] = a.x;
-  out[1] = a.y;
-  out[2] = b.x;
-  out[3] = b.y;
-}
-
-// 16 bytes of e4m3 -> 16 floats (times 1 / e4m3_unpack_factor()).
-__device__ __forceinline__ void e4m3x16_to_float(const uint4& v, float* out) {
-  e4m3x4_to_float(v.x, out);
-  e4m3x4_to_float(v.y, out + 4);
-  e4m3x4_to_float(v.z, out + 8);
-  e4m3x4_to_float(v.w, out + 12);
 }
 
 // IEEE division, correctly rounded and without flushing subnormals, whatever --use_fast_math says: the

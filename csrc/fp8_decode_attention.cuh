@@ -17,20 +17,51 @@
 //   counters   uint32         [B * Hkv]         CTAs of a row that have finished; 0 between launches
 // Row b attends to positions [lo, seqlen) with lo = max(start, seqlen - window (if window > 0), seqlen - L, 0).
 //
-// CTA (split, hkv, b), 4 warps. The chunk streams through shared memory in tiles of 4 KB of K + 4 KB of V
-// (+ their scales), kStages tiles in flight with cp.async; each tile is read from global memory once and
-// serves all G query heads of the group (GQA costs no extra traffic).
-// Inside a tile, a token row of D bytes is read by D/16 lanes, 16 bytes each; a warp covers 32/(D/16)
-// tokens per load. Warps are split into HGN head groups of HG heads (G <= 4: one group, all warps on
-// different tokens; G up to 8 / 16: 2 / 4 groups, each warp re-reads the tile from shared memory):
+// CTA (split, hkv, b), 4 warps. The chunk streams through shared memory in tiles of kTile = 64 tokens of
+// K and V (+ their scales), kStages tiles in flight with cp.async (at least kInFlightBytes loading while
+// one tile is consumed); each tile is read from global memory once and serves all G query heads of the
+// group (GQA costs no extra traffic).
 //
-//     D = 128, G = 4: lanes 0-7 -> token 0, 16-byte slices 0..7; lanes 8-15 -> token 1; ...; 4 tokens a warp,
-//                     warp w takes tokens 4w..4w+3 and 16+4w..16+4w+3 of the 32-token tile.
+// Math on tensor cores, mma.sync.m16n8k16 with f16 operands and fp32 accumulators (no fp8 mma: its
+// accumulator loses bits, KERNELS.md). e4m3 converts to f16 exactly; q is exact in f16 after a per-head
+// power-of-two rescale; the probabilities enter the PV product as a two-term f16 sum (hi + lo, ~22 bits).
+// So the only roundings beyond the fp32 reference's are the tensor core's fp32 accumulation and that split.
 //
-// Math in fp32 after converting e4m3 -> fp16 -> fp32 (no fp8 mma: its accumulator loses bits). The
-// k scale multiplies the logit, the v scale the probability; logits are kept in the log2 domain
-// (q is pre-scaled by sm_scale * log2(e)).
+// One warp step = 16 tokens x the 8 heads of the warp's head group (G <= 8: one group, heads >= G are
+// zero padding; 8 < G <= 16: two groups, warps 0-1 and 2-3, each pair covering the whole tile).
+// Lane = 4 * gid + tid4 (gid 0..7, tid4 0..3), the PTX ISA names groupID / threadID_in_group.
+// m16n8k16 fragments (PTX ISA 9.7.14.5.8, f16 A/B in f16x2 registers, the lower index in the lower half):
+//   A 16x16 row-major: a0a1 = (row gid,   cols 2tid4, 2tid4+1)   a2a3 = (row gid+8, same cols)
+//                      a4a5 = (row gid,   cols 2tid4+8, +9)      a6a7 = (row gid+8, cols 2tid4+8, +9)
+//   B 16x8:            b0b1 = (rows 2tid4, 2tid4+1; col gid)      b2b3 = (rows 2tid4+8, +9; col gid)
+//   C 16x8 fp32:       c0 c1 = (row gid; cols 2tid4, 2tid4+1)     c2 c3 = (row gid+8; same cols)
+//
+//   S = Q K^T:   M = heads (rows 8..15 zero), N = 8 tokens (two N tiles per step), K = 16 dims per k-slice.
+//                C (head gid; tokens 2tid4, 2tid4+1) is exactly the B fragment the PV product needs,
+//                so probabilities never leave registers; the per-token k scale multiplies C's columns.
+//   O^T = V^T P^T: M = 16 dims (one m-block each), N = 8 heads, K = the step's 16 tokens; the per-token
+//                v scale is folded into P before the f16 rounding. C (dims; heads 2tid4, 2tid4+1).
+// The dot products do not care which dimension is which, so the mma's d index is permuted to make every
+// lane's share of a token row contiguous (one 16-byte shared-memory load feeds 4 k-slices or 4 m-blocks):
+//   QK, k-slice kk = 4c + w, mma col k: d = 16 * k_chunk(tid4, c) + 4w + 2 (k >= 8) + (k & 1), tid4 = (k % 8) / 2
+//           k_chunk(t, c) = t (D = 64), 2t + (c & 1) + 8 (c >> 1) (D >= 128); lane loads q and K there.
+//   PV, m-block mb, mma row r: byte j = 2 mb + (r >= 8) of lane gid's slice, d = v_byte(gid, j) =
+//           8 gid + j (D = 64), 16 (gid + 8 (j / 16)) + j % 16 (D >= 128); the same d for the output.
+// A V word of token rows t, t+1 becomes (t, t+1) byte pairs with one byte_perm (0x5140 / 0x7362), which
+// is the f16x2 order of a0a1 / a2a3 (and, from rows t+8, t+9, of a4a5 / a6a7).
+//
+// Shared memory: a token row of D bytes is kChunks = D/16 chunks of 16 bytes; chunk c is stored at
+// c ^ (row & kSwizzle), kSwizzle = min(kChunks, 8) - 1, so that both read patterns (K: rows r, r+1 x
+// four tid4; V: rows 2tid4 (+1, +8, +9) x eight gid) hit distinct banks for D >= 128 (D = 64's 8-byte
+// V reads keep a 2-way conflict: four 64-byte rows of one parity share 16 banks).
+//
+// Softmax in the log2 domain (q's scale carries sm_scale * log2(e)), online per tile and per warp: a
+// running max m of the logits of the lane's head and a running max R of |v_scale| over the warp's tokens;
+// P = exp2(s - m) * v_scale / R is in [-1, 1], so its f16 terms neither overflow nor lose the leading
+// bits; the accumulator is rescaled (warp-uniform branch) only when m or R grows.
 #pragma once
+
+#include <cfloat>
 
 #include "fp8_convert.cuh"
 #include "fp8_decode_splits.cuh"
@@ -57,37 +88,97 @@ struct DecodeParams {
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
-constexpr int kTileBytes = 4096;  // of K (and as much of V) per pipeline stage
-constexpr int kStages = 4;
-constexpr int kMaxGroup = 16;
+constexpr int kWarpTokens = 16;                       // tokens of one warp step (the PV mma's K)
+constexpr int kTile = kDecodeWarps * kWarpTokens;     // tokens per pipeline stage
+constexpr int kHeadsPerGroup = 8;                     // N of the PV mma; QK uses rows 0..7 of its M = 16
+constexpr int kMaxGroup = 2 * kHeadsPerGroup;         // two head groups at most
+constexpr int kInFlightBytes = 32 * 1024;             // per CTA; with >= 2 CTAs per SM this covers the
+                                                      // H100's latency-bandwidth product (~25 KB per SM)
+constexpr float kMinVScale = FLT_MIN;                 // R's start: a normal float, so 1 / R is finite
 
 template <int D>
 struct DecodeTile {
-  static constexpr int kTokens = kTileBytes / D;                  // 64 / 32 / 16 tokens for D = 64 / 128 / 256
-  static constexpr int kStageBytes = 2 * kTileBytes + 2 * kTokens * 4;  // K, V, k_scale, v_scale
+  static constexpr int kKvBytes = kTile * D;                          // of K (and as much of V) per stage
+  static constexpr int kStageBytes = 2 * kKvBytes + 2 * kTile * 4;    // K, V, k_scale, v_scale
+  static constexpr int kStages = 1 + (kInFlightBytes + kStageBytes - 1) / kStageBytes;  // 5 / 3 / 2
+  static constexpr int kSmemBytes = kStages * kStageBytes;            // 43.5 / 49.5 / 65 KB (D 64/128/256)
+  static constexpr int kChunks = D / 16;
+  static constexpr int kSwizzle = (kChunks < 8 ? kChunks : 8) - 1;
+  static constexpr int kKChunks = D / 64;                 // 16-byte K loads per lane and token row
+  static constexpr int kVPiece = D == 64 ? 8 : 16;        // bytes of one V load
+  static constexpr int kVPieces = D / 8 / kVPiece;        // V loads per lane and token row
 };
 
-// G query heads per KV head -> (HG heads per warp, HGN head groups).
-template <int D, int HG, int HGN>
+template <int D>
+__device__ __forceinline__ int smem_offset(int row, int byte) {  // byte of a token row -> tile offset
+  return row * D + ((((byte >> 4) ^ (row & DecodeTile<D>::kSwizzle))) << 4) + (byte & 15);
+}
+
+template <int D>
+__device__ __forceinline__ int k_chunk(int tid4, int c) {
+  return D == 64 ? tid4 : 2 * tid4 + (c & 1) + 8 * (c >> 1);
+}
+
+template <int D>
+__device__ __forceinline__ int v_byte(int gid, int j) {
+  return D == 64 ? 8 * gid + j : 16 * (gid + 8 * (j >> 4)) + (j & 15);
+}
+
+// c += A B, m16n8k16, f16 operands, fp32 accumulators (fragment layout above).
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+// (a, b) -> two f16x2 words whose sum is a, b to ~22 bits: hi = round(a, b), lo = round(rest).
+__device__ __forceinline__ void split_half2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(a, b);
+  const float2 hf = __half22float2(h);
+  hi = half2_bits(h);
+  lo = half2_bits(__floats2half2_rn(a - hf.x, b - hf.y));
+}
+
+// HGN head groups of 8 heads (1: G <= 8, 2: G <= 16).
+template <int D, int HGN>
 __global__ void __launch_bounds__(kDecodeThreads) fp8_decode_kernel(const DecodeParams p) {
-  constexpr int kLanesPerTok = D / 16;
-  constexpr int kTokPerWarp = 32 / kLanesPerTok;
+  using Tile = DecodeTile<D>;
   constexpr int kWarpsPerGroup = kDecodeWarps / HGN;
-  constexpr int kTile = DecodeTile<D>::kTokens;
-  constexpr int kStage = DecodeTile<D>::kStageBytes;
-  constexpr int kRounds = kTile / (kTokPerWarp * kWarpsPerGroup);  // tokens per lane per tile
-  static_assert(kRounds * kTokPerWarp * kWarpsPerGroup == kTile, "tile must split evenly over warps");
-  static_assert(2 * kTile <= kDecodeThreads, "one scale copy per thread");
-  static_assert(kDecodeWarps * HG * D * 4 + 2 * kDecodeWarps * HG * 4 + kMaxGroup * kMaxDecodeSplits * 4 <=
-                    kStages * kStage,
+  constexpr int kSteps = kTile / (kWarpTokens * kWarpsPerGroup);  // 16-token steps per warp and tile
+  constexpr int kMb = D / 16;                                      // QK k-slices = PV m-blocks
+  static_assert(2 * kTile == kDecodeThreads, "one scale copy per thread");
+  static_assert(kMaxDecodeSplits == 64, "the final merge gives each lane two splits");
+  static_assert((kDecodeWarps * kHeadsPerGroup * (D + 2) + kMaxGroup * kMaxDecodeSplits) * 4 <= Tile::kSmemBytes,
                 "reduction buffers reuse the pipeline's shared memory");
-  __shared__ __align__(16) unsigned char smem[kStages * kStage];
+  extern __shared__ __align__(16) unsigned char smem[];
   __shared__ bool s_last;
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, gid = lane / 4, tid4 = lane % 4;
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int G = p.group, hq0 = h * G;
-  const int64_t qrow0 = int64_t(b) * p.hkv * G + hq0;  // (b, hq0) row of q / out
+  const int G = p.group;
+  const int64_t qrow0 = (int64_t(b) * p.hkv + h) * G;  // (b, first head of KV head h) row of q / out
+  const int hg = warp / kWarpsPerGroup, tw = warp % kWarpsPerGroup;
+  const int head = hg * kHeadsPerGroup + gid;  // this lane's QK row / softmax head (>= G: padding)
+
+  // q first: its latency overlaps the seqlens load and the pipeline prologue.
+  uint4 q_raw[Tile::kKChunks][2];
+#pragma unroll
+  for (int c = 0; c < Tile::kKChunks; ++c) {
+    q_raw[c][0] = q_raw[c][1] = make_uint4(0, 0, 0, 0);
+    if (head < G) {
+      const uint4* src = reinterpret_cast<const uint4*>(p.q + (qrow0 + head) * D + 16 * k_chunk<D>(tid4, c));
+      q_raw[c][0] = src[0];
+      q_raw[c][1] = src[1];
+    }
+  }
 
   const int seqlen = p.seqlens[b];
   int lo = max(p.starts[b], 0);
@@ -99,7 +190,9 @@ __global__ void __launch_bounds__(kDecodeThreads) fp8_decode_kernel(const Decode
       for (int i = tid; i < G * D; i += kDecodeThreads) p.out[qrow0 * D + i] = 0;
     return;
   }
-  const int chunk = ((n + p.splits - 1) / p.splits + kTile - 1) / kTile * kTile;
+  // Chunks of at least kMinTokensPerSplit tokens: a short row runs on few CTAs (one: no merge at all).
+  const int per_split = max((n + p.splits - 1) / p.splits, kMinTokensPerSplit);
+  const int chunk = (per_split + kTile - 1) / kTile * kTile;
   const int n_active = (n + chunk - 1) / chunk;
   if (split >= n_active) return;
   const int c0 = lo + split * chunk, c1 = min(seqlen, c0 + chunk);
@@ -107,185 +200,255 @@ __global__ void __launch_bounds__(kDecodeThreads) fp8_decode_kernel(const Decode
   const int slot0 = c0 % p.length;
   const int64_t row = (int64_t(b) * p.hkv + h) * p.length;  // first slot of this (b, hkv) in the cache
 
+  // Copy duties: thread tid moves 16-byte chunk `part` of tile rows t0 + r * kRowStep (same swizzle for
+  // every r, so the shared-memory offsets differ by constants), and the k (tid < kTile) or v scale of
+  // row tid % kTile.
+  constexpr int kRowStep = kDecodeThreads / Tile::kChunks, kCopies = kTile / kRowStep;
+  static_assert(kRowStep % (Tile::kSwizzle + 1) == 0, "rows t0 + r * kRowStep share a swizzle");
+  const int part = tid % Tile::kChunks, t0 = tid / Tile::kChunks, dst0 = smem_offset<D>(t0, 16 * part);
+  const uint8_t* k_src = p.k_cache + row * D + 16 * part;
+  const uint8_t* v_src = p.v_cache + row * D + 16 * part;
+  const float* s_src = (tid < kTile ? p.k_scale : p.v_scale) + row;
   auto load_tile = [&](int j) {
-    unsigned char* st = smem + (j % kStages) * kStage;
+    unsigned char* st = smem + (j % Tile::kStages) * Tile::kStageBytes;
     const int tp0 = c0 + j * kTile;
-    int ts0 = slot0 + j * kTile;  // j * kTile < chunk <= L: one subtraction wraps it
+    int ts0 = slot0 + j * kTile;  // j * kTile < c1 - c0 <= n <= L: one subtraction wraps it
     if (ts0 >= p.length) ts0 -= p.length;
 #pragma unroll
-    for (int r = 0; r < kTile * kLanesPerTok / kDecodeThreads; ++r) {
-      const int e = tid + r * kDecodeThreads, t = e / kLanesPerTok, part = e % kLanesPerTok;
+    for (int r = 0; r < kCopies; ++r) {
+      const int t = t0 + r * kRowStep;
       const bool valid = tp0 + t < c1;
       int slot = ts0 + t;
       if (slot >= p.length) slot -= p.length;
-      const int64_t off = valid ? (row + slot) * D + part * 16 : 0;
-      cp_async_16(st + t * D + part * 16, p.k_cache + off, valid);
-      cp_async_16(st + kTileBytes + t * D + part * 16, p.v_cache + off, valid);
+      const size_t off = size_t(unsigned(valid ? slot : 0)) * D;
+      cp_async_16(st + dst0 + r * kRowStep * D, k_src + off, valid);
+      cp_async_16(st + Tile::kKvBytes + dst0 + r * kRowStep * D, v_src + off, valid);
     }
-    if (tid < 2 * kTile) {
-      const int t = tid % kTile;
-      const bool valid = tp0 + t < c1;
-      int slot = ts0 + t;
-      if (slot >= p.length) slot -= p.length;
-      const float* src = tid < kTile ? p.k_scale : p.v_scale;
-      cp_async_4(st + 2 * kTileBytes + tid * 4, src + (valid ? row + slot : 0), valid);
-    }
+    const int t = tid % kTile;
+    const bool valid = tp0 + t < c1;
+    int slot = ts0 + t;
+    if (slot >= p.length) slot -= p.length;
+    cp_async_4(st + 2 * Tile::kKvBytes + tid * 4, s_src + (valid ? slot : 0), valid);
   };
 
-  const int hg = warp / kWarpsPerGroup, tw = warp % kWarpsPerGroup;
-  const int tok_lane = lane / kLanesPerTok, part = lane % kLanesPerTok;
-
-  // This lane's 16-element slice of each of its HG query heads, pre-scaled (masked heads are zero).
-  float q[HG][16];
 #pragma unroll
-  for (int g = 0; g < HG; ++g) {
-    const int head = hg * HG + g;
-    uint4 raw[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-    if (head < G) {
-      const uint4* src = reinterpret_cast<const uint4*>(p.q + (qrow0 + head) * D + part * 16);
-      raw[0] = src[0];
-      raw[1] = src[1];
-    }
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(raw);
-#pragma unroll
-    for (int e = 0; e < 16; ++e) q[g][e] = bits16_to_float(bits[e], p.bf16) * (p.q_scale * e4m3_unpack_factor());
-  }
-
-  float m[HG], l[HG], acc[HG][16];
-#pragma unroll
-  for (int g = 0; g < HG; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 16; ++e) acc[g][e] = 0.f;
-  }
-
-#pragma unroll
-  for (int j = 0; j < kStages - 1; ++j) {
+  for (int j = 0; j < Tile::kStages - 1; ++j) {
     if (j < ntiles) load_tile(j);
     cp_async_commit();
   }
 
+  // q as A fragments (rows 0..7 of the QK mma), times 2^e with e chosen per head so that its largest
+  // |element| lies in [2^14, 2^15): no bf16 value overflows f16 and every one down to 2^-28 times the
+  // row's largest stays exact (f16 normals start at 2^-14); 2^-e goes into the logit scale qs.
+  uint32_t qa[kMb][2];
+  float qs;
+  {
+    float qf[Tile::kKChunks][16], amax = 0.f;
+#pragma unroll
+    for (int c = 0; c < Tile::kKChunks; ++c) {
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(q_raw[c]);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        qf[c][i] = bits16_to_float(bits[i], p.bf16);
+        amax = fmaxf(amax, fabsf(qf[c][i]));
+      }
+    }
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
+    const int e = min(141 - ((__float_as_int(amax) >> 23) & 0xFF), 126);  // biased exponent 127 + 14 - E
+    const float up = __int_as_float((127 + e) << 23), down = __int_as_float((127 - e) << 23);
+    qs = p.q_scale * e4m3_unpack_factor() * down;
+#pragma unroll
+    for (int c = 0; c < Tile::kKChunks; ++c)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        qa[4 * c + w][0] = half2_bits(__floats2half2_rn(qf[c][4 * w] * up, qf[c][4 * w + 1] * up));
+        qa[4 * c + w][1] = half2_bits(__floats2half2_rn(qf[c][4 * w + 2] * up, qf[c][4 * w + 3] * up));
+      }
+  }
+
+  float o[kMb][4];  // O^T fragments: (dims of m-block mb; heads 2tid4, 2tid4+1) times R
+#pragma unroll
+  for (int mb = 0; mb < kMb; ++mb) o[mb][0] = o[mb][1] = o[mb][2] = o[mb][3] = 0.f;
+  float m = -INFINITY, l = 0.f, vmax_run = kMinVScale, v_rcp = 1.f / kMinVScale;
+
   for (int j = 0; j < ntiles; ++j) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<Tile::kStages - 2>();
     __syncthreads();  // tile j landed for every thread; stage (j - 1) % kStages is free to refill
-    if (j + kStages - 1 < ntiles) load_tile(j + kStages - 1);
+    if (j + Tile::kStages - 1 < ntiles) load_tile(j + Tile::kStages - 1);
     cp_async_commit();
 
-    const unsigned char* st = smem + (j % kStages) * kStage;
-    const float* sk = reinterpret_cast<const float*>(st + 2 * kTileBytes);
-    const float* sv = sk + kTile;
+    const unsigned char* sk = smem + (j % Tile::kStages) * Tile::kStageBytes;
+    const unsigned char* sv = sk + Tile::kKvBytes;
+    const float* sks = reinterpret_cast<const float*>(sk + 2 * Tile::kKvBytes);
+    const float* svs = sks + kTile;
     const int tp0 = c0 + j * kTile;
 
-    float s[kRounds][HG];  // logits (log2 domain) of this lane's tokens
+    // Logits (log2 domain) of head `head` for tokens tok0(s) + 8 nt + 2 tid4 + i, and their v scales.
+    float x[kSteps][2][2], vsc[kSteps][2][2];
 #pragma unroll
-    for (int i = 0; i < kRounds; ++i) {
-      const int t = (i * kWarpsPerGroup + tw) * kTokPerWarp + tok_lane;
-      float kf[16];
-      e4m3x16_to_float(*reinterpret_cast<const uint4*>(st + t * D + part * 16), kf);
-      const float ks = sk[t];
-      const bool valid = tp0 + t < c1;
+    for (int s = 0; s < kSteps; ++s) {
+      const int tok0 = (s * kWarpsPerGroup + tw) * kWarpTokens;
+      float acc[2][4] = {};
 #pragma unroll
-      for (int g = 0; g < HG; ++g) {
-        float dot0 = 0.f, dot1 = 0.f;  // two chains: half the FMA latency on the critical path
+      for (int c = 0; c < Tile::kKChunks; ++c) {
 #pragma unroll
-        for (int e = 0; e < 16; e += 2) {
-          dot0 = fmaf(q[g][e], kf[e], dot0);
-          dot1 = fmaf(q[g][e + 1], kf[e + 1], dot1);
+        for (int nt = 0; nt < 2; ++nt) {
+          const int r = tok0 + 8 * nt + gid;
+          const uint4 kw = *reinterpret_cast<const uint4*>(sk + smem_offset<D>(r, 16 * k_chunk<D>(tid4, c)));
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            uint32_t b0, b1;
+            e4m3x4_to_half2x2(word_of(kw, w), b0, b1);
+            mma_16816(acc[nt], qa[4 * c + w][0], 0u, qa[4 * c + w][1], 0u, b0, b1);
+          }
         }
-        float dot = dot0 + dot1;
+      }
 #pragma unroll
-        for (int o = kLanesPerTok / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
-        float x = dot * ks;
-        if (p.softcap_log2 > 0.f) x = p.softcap_log2 * tanhf(x);
-        s[i][g] = valid ? x : -INFINITY;
+      for (int nt = 0; nt < 2; ++nt) {
+        const int t = tok0 + 8 * nt + 2 * tid4;
+        const float2 ks = *reinterpret_cast<const float2*>(sks + t);
+        const float2 vs = *reinterpret_cast<const float2*>(svs + t);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          float xv = acc[nt][i] * qs * (i ? ks.y : ks.x);
+          if (p.softcap_log2 > 0.f) xv = p.softcap_log2 * tanhf(xv);
+          x[s][nt][i] = tp0 + t + i < c1 ? xv : -INFINITY;
+          vsc[s][nt][i] = i ? vs.y : vs.x;  // 0 for tokens past c1 (zero-filled)
+        }
       }
     }
 
-    // Online softmax, once per tile: new running max, rescale only when it grew (rare after a few tiles).
-    float pv[kRounds][HG];
+    // Online softmax, once per tile: rescale only when the logit max or the v-scale max grew.
+    float mx = -INFINITY, vmx = 0.f;
 #pragma unroll
-    for (int g = 0; g < HG; ++g) {
-      float mx = s[0][g];
+    for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-      for (int i = 1; i < kRounds; ++i) mx = fmaxf(mx, s[i][g]);
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int o = kLanesPerTok; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-      if (mx > m[g]) {  // warp-uniform
-        const float f = exp2f(m[g] - mx);  // 0 while m is -inf
-        l[g] *= f;
+        for (int i = 0; i < 2; ++i) {
+          mx = fmaxf(mx, x[s][nt][i]);
+          vmx = fmaxf(vmx, fabsf(vsc[s][nt][i]));
+        }
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc[g][e] *= f;
-        m[g] = mx;
-      }
-      const float mref = m[g] == -INFINITY ? 0.f : m[g];
-#pragma unroll
-      for (int i = 0; i < kRounds; ++i) {
-        const float pr = exp2f(s[i][g] - mref);
-        l[g] += pr;
-        pv[i][g] = pr * sv[(i * kWarpsPerGroup + tw) * kTokPerWarp + tok_lane];
-      }
+    for (int o_ = 1; o_ < 4; o_ *= 2) {  // over tid4: the 4 lanes of a head, the warp's tokens
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o_));
+      vmx = fmaxf(vmx, __shfl_xor_sync(0xFFFFFFFFu, vmx, o_));
     }
+    if (__any_sync(0xFFFFFFFFu, mx > m || vmx > vmax_run)) {
+      const float m_new = fmaxf(m, mx), r_new = fmaxf(vmax_run, vmx);
+      const float f = m_new == -INFINITY ? 1.f : exp2f(m - m_new);  // 0 while m is -inf
+      l *= f;
+      const float fr = vmax_run / r_new;
+      // O's columns are heads 2tid4, 2tid4+1, whose factors live in lanes 4 * head.
+      const float f0 = __shfl_sync(0xFFFFFFFFu, f, 8 * tid4) * fr;
+      const float f1 = __shfl_sync(0xFFFFFFFFu, f, 8 * tid4 + 4) * fr;
+#pragma unroll
+      for (int mb = 0; mb < kMb; ++mb) {
+        o[mb][0] *= f0;
+        o[mb][1] *= f1;
+        o[mb][2] *= f0;
+        o[mb][3] *= f1;
+      }
+      m = m_new;
+      vmax_run = r_new;
+      v_rcp = 1.f / r_new;
+    }
+    const float mref = m == -INFINITY ? 0.f : m;
 
 #pragma unroll
-    for (int i = 0; i < kRounds; ++i) {
-      const int t = (i * kWarpsPerGroup + tw) * kTokPerWarp + tok_lane;
-      float vf[16];
-      e4m3x16_to_float(*reinterpret_cast<const uint4*>(st + kTileBytes + t * D + part * 16), vf);
+    for (int s = 0; s < kSteps; ++s) {
+      // P^T as B fragments: b0b1 = tokens 2tid4, +1 (N tile 0), b2b3 = tokens 8 + 2tid4, +1 (N tile 1).
+      uint32_t p_hi[2], p_lo[2];
 #pragma unroll
-      for (int g = 0; g < HG; ++g)
+      for (int nt = 0; nt < 2; ++nt) {
+        const float p0 = exp2f(x[s][nt][0] - mref), p1 = exp2f(x[s][nt][1] - mref);
+        l += p0 + p1;
+        split_half2(p0 * (vsc[s][nt][0] * v_rcp), p1 * (vsc[s][nt][1] * v_rcp), p_hi[nt], p_lo[nt]);
+      }
+      const int r0 = (s * kWarpsPerGroup + tw) * kWarpTokens + 2 * tid4;  // A cols 2tid4, +1 / +8, +9
 #pragma unroll
-        for (int e = 0; e < 16; ++e) acc[g][e] = fmaf(pv[i][g], vf[e], acc[g][e]);
+      for (int c = 0; c < Tile::kVPieces; ++c) {
+        uint32_t vw[4][Tile::kVPiece / 4];  // rows r0, r0+1, r0+8, r0+9
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int r = r0 + (k & 1) + 8 * (k >> 1);
+          const unsigned char* src = sv + smem_offset<D>(r, v_byte<D>(gid, c * Tile::kVPiece));
+          if constexpr (Tile::kVPiece == 16) {
+            const uint4 v = *reinterpret_cast<const uint4*>(src);
+            vw[k][0] = v.x, vw[k][1] = v.y, vw[k][2] = v.z, vw[k][3] = v.w;
+          } else {
+            const uint2 v = *reinterpret_cast<const uint2*>(src);
+            vw[k][0] = v.x, vw[k][1] = v.y;
+          }
+        }
+#pragma unroll
+        for (int w = 0; w < Tile::kVPiece / 4; ++w) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // bytes (0, 1) -> m-block 2w, (2, 3) -> 2w + 1
+            const int mb = c * Tile::kVPiece / 2 + 2 * w + half;
+            const uint32_t sel = half ? 0x7362u : 0x5140u;
+            uint32_t a01, a23, a45, a67;
+            e4m3x4_to_half2x2(__byte_perm(vw[0][w], vw[1][w], sel), a01, a23);
+            e4m3x4_to_half2x2(__byte_perm(vw[2][w], vw[3][w], sel), a45, a67);
+            mma_16816(o[mb], a01, a23, a45, a67, p_hi[0], p_hi[1]);
+            mma_16816(o[mb], a01, a23, a45, a67, p_lo[0], p_lo[1]);
+          }
+        }
+      }
     }
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused below
 
-  // Sum over the warp's token lanes (all lanes of a token hold the same l).
+  l += __shfl_xor_sync(0xFFFFFFFFu, l, 1);
+  l += __shfl_xor_sync(0xFFFFFFFFu, l, 2);
+  float* red_o = reinterpret_cast<float*>(smem);                 // [warps][8 heads][D], true scale
+  float* red_m = red_o + kDecodeWarps * kHeadsPerGroup * D;      // [warps][8]
+  float* red_l = red_m + kDecodeWarps * kHeadsPerGroup;          // [warps][8]
+  float* merge_w = red_l + kDecodeWarps * kHeadsPerGroup;        // [kMaxGroup][kMaxDecodeSplits]
+  const float o_scale = vmax_run * e4m3_unpack_factor();
 #pragma unroll
-  for (int o = kLanesPerTok; o < 32; o *= 2) {
+  for (int i = 0; i < 2; ++i) {
+    float* dst = red_o + (warp * kHeadsPerGroup + 2 * tid4 + i) * D;
 #pragma unroll
-    for (int g = 0; g < HG; ++g) {
-      l[g] += __shfl_xor_sync(0xFFFFFFFFu, l[g], o);
-#pragma unroll
-      for (int e = 0; e < 16; ++e) acc[g][e] += __shfl_xor_sync(0xFFFFFFFFu, acc[g][e], o);
+    for (int j4 = 0; j4 < D / 32; ++j4) {  // slice bytes 4 j4 .. +3 = m-blocks 2 j4, 2 j4 + 1
+      const float4 v = make_float4(o[2 * j4][i] * o_scale, o[2 * j4][2 + i] * o_scale,
+                                   o[2 * j4 + 1][i] * o_scale, o[2 * j4 + 1][2 + i] * o_scale);
+      *reinterpret_cast<float4*>(dst + v_byte<D>(gid, 4 * j4)) = v;
     }
   }
-  float* red_o = reinterpret_cast<float*>(smem);        // [warps][HG][D]
-  float* red_m = red_o + kDecodeWarps * HG * D;          // [warps][HG]
-  float* red_l = red_m + kDecodeWarps * HG;              // [warps][HG]
-  float* merge_w = red_l + kDecodeWarps * HG;            // [kMaxGroup][kMaxDecodeSplits]
-  if (tok_lane == 0) {
-#pragma unroll
-    for (int g = 0; g < HG; ++g) {
-#pragma unroll
-      for (int e = 0; e < 16; ++e) red_o[(warp * HG + g) * D + part * 16 + e] = acc[g][e];
-      if (part == 0) {
-        red_m[warp * HG + g] = m[g];
-        red_l[warp * HG + g] = l[g];
-      }
-    }
+  if (tid4 == 0) {
+    red_m[warp * kHeadsPerGroup + gid] = m;
+    red_l[warp * kHeadsPerGroup + gid] = l;
   }
   __syncthreads();
 
-  // Merge the warps of each head group; write the output (one split) or this split's partial.
-  for (int i = tid; i < G * D; i += kDecodeThreads) {
-    const int head = i / D, d = i % D, w0 = (head / HG) * kWarpsPerGroup, g = head % HG;
+  // Merge the warps of each head group; write the output (one split) or this split's partial, 4 dims
+  // per thread.
+  for (int i = tid; i < G * D / 4; i += kDecodeThreads) {
+    const int hd = i / (D / 4), d = 4 * (i % (D / 4));
+    const int w0 = (hd / kHeadsPerGroup) * kWarpsPerGroup, g = hd % kHeadsPerGroup;
     float mx = -INFINITY;
-    for (int w = w0; w < w0 + kWarpsPerGroup; ++w) mx = fmaxf(mx, red_m[w * HG + g]);
+    for (int w = w0; w < w0 + kWarpsPerGroup; ++w) mx = fmaxf(mx, red_m[w * kHeadsPerGroup + g]);
     const float mref = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f, o = 0.f;
+    float sum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int w = w0; w < w0 + kWarpsPerGroup; ++w) {
-      const float f = exp2f(red_m[w * HG + g] - mref);
-      sum += red_l[w * HG + g] * f;
-      o += red_o[(w * HG + g) * D + d] * f;
+      const float f = exp2f(red_m[w * kHeadsPerGroup + g] - mref);
+      sum += red_l[w * kHeadsPerGroup + g] * f;
+      const float4 v = *reinterpret_cast<const float4*>(red_o + (w * kHeadsPerGroup + g) * D + d);
+      acc.x += v.x * f, acc.y += v.y * f, acc.z += v.z * f, acc.w += v.w * f;
     }
-    o *= e4m3_unpack_factor() / sum;  // sum >= 1: the chunk holds a valid token
+    const float inv = 1.f / sum;  // sum >= 1: the chunk holds a valid token
+    acc.x *= inv, acc.y *= inv, acc.z *= inv, acc.w *= inv;
     if (n_active == 1) {
-      p.out[(qrow0 + head) * D + d] = float_to_bits16(o, p.bf16);
+      const uint2 bits = make_uint2(float_to_bits16(acc.x, p.bf16) | uint32_t(float_to_bits16(acc.y, p.bf16)) << 16,
+                                    float_to_bits16(acc.z, p.bf16) | uint32_t(float_to_bits16(acc.w, p.bf16)) << 16);
+      *reinterpret_cast<uint2*>(p.out + (qrow0 + hd) * D + d) = bits;
     } else {
-      const int64_t prow = (qrow0 + head) * p.splits + split;
-      p.ws_o[prow * D + d] = o;
+      const int64_t prow = (qrow0 + hd) * p.splits + split;
+      *reinterpret_cast<float4*>(p.ws_o + prow * D + d) = acc;
       if (d == 0) p.ws_lse[prow] = mx + __log2f(sum);
     }
   }
@@ -303,64 +466,81 @@ __global__ void __launch_bounds__(kDecodeThreads) fp8_decode_kernel(const Decode
   if (!s_last) return;
   __threadfence();
 
-  for (int head = tid; head < G; head += kDecodeThreads) {
-    const float* lse = p.ws_lse + (qrow0 + head) * p.splits;
-    float mx = -INFINITY;
-    for (int sp = 0; sp < n_active; ++sp) mx = fmaxf(mx, __ldcg(lse + sp));
-    float sum = 0.f;
-    for (int sp = 0; sp < n_active; ++sp) {
-      const float w = exp2f(__ldcg(lse + sp) - mx);
-      merge_w[head * kMaxDecodeSplits + sp] = w;
-      sum += w;
-    }
-    for (int sp = 0; sp < n_active; ++sp) merge_w[head * kMaxDecodeSplits + sp] /= sum;
+  for (int hd = warp; hd < G; hd += kDecodeWarps) {  // one warp per head, two splits per lane
+    const float* lse = p.ws_lse + (qrow0 + hd) * p.splits;
+    const float l0 = lane < n_active ? __ldcg(lse + lane) : -INFINITY;
+    const float l1 = lane + 32 < n_active ? __ldcg(lse + lane + 32) : -INFINITY;
+    float mx = fmaxf(l0, l1);
+#pragma unroll
+    for (int o_ = 16; o_ > 0; o_ /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o_));
+    const float w0 = exp2f(l0 - mx), w1 = exp2f(l1 - mx);  // mx is finite: split 0 is active
+    float sum = w0 + w1;
+#pragma unroll
+    for (int o_ = 16; o_ > 0; o_ /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o_);
+    merge_w[hd * kMaxDecodeSplits + lane] = w0 / sum;
+    merge_w[hd * kMaxDecodeSplits + lane + 32] = w1 / sum;
   }
   __syncthreads();
-  for (int i = tid; i < G * D; i += kDecodeThreads) {
-    const int head = i / D, d = i % D;
-    const float* po = p.ws_o + (qrow0 + head) * p.splits * D + d;
-    float o = 0.f;
-    for (int sp = 0; sp < n_active; ++sp) o = fmaf(merge_w[head * kMaxDecodeSplits + sp], __ldcg(po + sp * D), o);
-    p.out[(qrow0 + head) * D + d] = float_to_bits16(o, p.bf16);
+  for (int i = tid; i < G * D / 4; i += kDecodeThreads) {
+    const int hd = i / (D / 4), d = 4 * (i % (D / 4));
+    const float4* po = reinterpret_cast<const float4*>(p.ws_o + (qrow0 + hd) * p.splits * D + d);
+    const float* w = merge_w + hd * kMaxDecodeSplits;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int sp = 0; sp < n_active; ++sp) {
+      const float4 v = __ldcg(po + sp * (D / 4));
+      acc.x = fmaf(w[sp], v.x, acc.x), acc.y = fmaf(w[sp], v.y, acc.y);
+      acc.z = fmaf(w[sp], v.z, acc.z), acc.w = fmaf(w[sp], v.w, acc.w);
+    }
+    const uint2 bits = make_uint2(float_to_bits16(acc.x, p.bf16) | uint32_t(float_to_bits16(acc.y, p.bf16)) << 16,
+                                  float_to_bits16(acc.z, p.bf16) | uint32_t(float_to_bits16(acc.w, p.bf16)) << 16);
+    *reinterpret_cast<uint2*>(p.out + (qrow0 + hd) * D + d) = bits;
   }
 }
 
 using DecodeKernel = void (*)(DecodeParams);
 
+struct DecodeConfig {
+  DecodeKernel kernel;  // null: unsupported head_dim / group
+  int smem_bytes;       // dynamic shared memory of a CTA
+};
+
 template <int D>
-DecodeKernel decode_kernel_d(int group) {
-  if (group == 1) return fp8_decode_kernel<D, 1, 1>;
-  if (group == 2) return fp8_decode_kernel<D, 2, 1>;
-  if (group <= 4) return fp8_decode_kernel<D, 4, 1>;
-  if (group <= 8) return fp8_decode_kernel<D, 4, 2>;
-  if (group <= kMaxGroup) return fp8_decode_kernel<D, 4, 4>;
-  return nullptr;
+DecodeConfig decode_config_d(int group) {
+  if (group >= 1 && group <= kHeadsPerGroup) return {fp8_decode_kernel<D, 1>, DecodeTile<D>::kSmemBytes};
+  if (group > kHeadsPerGroup && group <= kMaxGroup) return {fp8_decode_kernel<D, 2>, DecodeTile<D>::kSmemBytes};
+  return {nullptr, 0};
 }
 
-// The compiled configuration for (head_dim 64/128/256, group <= kMaxGroup), else null.
-inline DecodeKernel decode_kernel(int head_dim, int group) {
+// The compiled configuration for (head_dim 64/128/256, group <= kMaxGroup).
+inline DecodeConfig decode_config(int head_dim, int group) {
   switch (head_dim) {
-    case 64: return decode_kernel_d<64>(group);
-    case 128: return decode_kernel_d<128>(group);
-    case 256: return decode_kernel_d<256>(group);
-    default: return nullptr;
+    case 64: return decode_config_d<64>(group);
+    case 128: return decode_config_d<128>(group);
+    case 256: return decode_config_d<256>(group);
+    default: return {nullptr, 0};
   }
 }
 
-// How many CTAs of that configuration fit on one SM at once (registers, shared memory), for
-// decode_num_splits. A host query: no stream work, so it is allowed while a CUDA graph is captured.
-inline cudaError_t decode_ctas_per_sm(int head_dim, int group, int* ctas) {
-  const DecodeKernel kernel = decode_kernel(head_dim, group);
-  if (kernel == nullptr) return cudaErrorInvalidValue;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kDecodeThreads, 0);
+// Prepares the configuration on the current device and says how many of its CTAs fit on one SM
+// (registers, shared memory), for decode_num_splits: the kernel takes more than the 48 KB of shared
+// memory a launch gets by default, so its limit is raised here (cudaFuncSetAttribute: per device, no
+// stream work, so it is allowed while a CUDA graph is captured). Call it on each device before the
+// first launch there (fp8_kv_ops.cu does, once per device and configuration).
+inline cudaError_t decode_prepare(int head_dim, int group, int* ctas) {
+  const DecodeConfig cfg = decode_config(head_dim, group);
+  if (cfg.kernel == nullptr) return cudaErrorInvalidValue;
+  const cudaError_t err = cudaFuncSetAttribute(cfg.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cfg.smem_bytes);
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, cfg.kernel, kDecodeThreads, cfg.smem_bytes);
 }
 
 // p.splits must come from decode_num_splits (<= kMaxDecodeSplits); ws_o / ws_lse may be null when
 // p.splits == 1. Unsupported head_dim / group: cudaErrorInvalidValue.
 inline cudaError_t launch_fp8_decode_attention(const DecodeParams& p, int head_dim, cudaStream_t stream) {
-  const DecodeKernel kernel = decode_kernel(head_dim, p.group);
-  if (kernel == nullptr || p.splits < 1 || p.splits > kMaxDecodeSplits) return cudaErrorInvalidValue;
-  kernel<<<dim3(p.splits, p.hkv, p.batch), kDecodeThreads, 0, stream>>>(p);
+  const DecodeConfig cfg = decode_config(head_dim, p.group);
+  if (cfg.kernel == nullptr || p.splits < 1 || p.splits > kMaxDecodeSplits) return cudaErrorInvalidValue;
+  cfg.kernel<<<dim3(p.splits, p.hkv, p.batch), kDecodeThreads, cfg.smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 

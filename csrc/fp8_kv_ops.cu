@@ -34,13 +34,14 @@ unsigned* decode_counters(int device) {
   return cached[device];
 }
 
-// CTAs of the decode kernel for (head_dim, group) resident per SM; queried once per device and config.
+// CTAs of the decode kernel for (head_dim, group) resident per SM; the kernel is prepared (its shared
+// memory limit raised) and queried once per device and config, before its first launch there.
 int decode_ctas_per_sm(int device, int head_dim, int group) {
   static std::array<std::array<int, 3 * (adallm_fp8::kMaxGroup + 1)>, 64> cached{};
   ADALLM_CHECK_RUNTIME(device >= 0 && device < int(cached.size()), "adallm: device index ", device, " out of range");
   const int d_index = head_dim == 64 ? 0 : head_dim == 128 ? 1 : 2;  // head_dim is checked by the caller
   int& ctas = cached[device][d_index * (adallm_fp8::kMaxGroup + 1) + group];
-  if (ctas == 0) C10_CUDA_CHECK(adallm_fp8::decode_ctas_per_sm(head_dim, group, &ctas));
+  if (ctas == 0) C10_CUDA_CHECK(adallm_fp8::decode_prepare(head_dim, group, &ctas));
   return ctas;
 }
 

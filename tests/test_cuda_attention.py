@@ -80,7 +80,7 @@ def test_decode_awkward_lengths(length, group):
     run_decode(2, 2, group, 128, length, [length, max(1, length // 3)], [0, 0], 0, 0.0, torch.bfloat16)
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 8, 12, 16])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_decode_gqa_and_head_dims(group, d):
     run_decode(3, 2, group, d, 700, [700, 333, 1], [0, 0, 0], 0, 0.0, torch.float16)
@@ -110,6 +110,13 @@ def test_decode_left_padding():
 def test_decode_softcap(d):
     run_decode(3, 4, 2, d, 1500, [1500, 900, 60], [0, 5, 0], 0, 30.0, torch.bfloat16)
     run_decode(1, 2, 8, d, 64, [500], [0], 64, 50.0, torch.float16)
+
+
+@pytest.mark.parametrize("group,hkv,dtype", [(4, 8, torch.float16), (8, 4, torch.float16), (8, 4, torch.bfloat16)])
+def test_decode_long_context_gqa(group, hkv, dtype):
+    # Qwen3-8B (G = 4, Hkv = 8) and Qwen3-30B-A3B (G = 8, Hkv = 4) groupings at long context: dozens of
+    # splits and their merge, a row with left padding, fp16 output (the tightest tolerance).
+    run_decode(2, hkv, group, 128, 24000, [24000, 15011], [0, 300], 0, 0.0, dtype)
 
 
 def test_decode_batch8_long():
