@@ -6,6 +6,8 @@
 //   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh)
 //   otherwise                                       -> dequantize W to x.dtype in row chunks, cuBLAS per chunk
 // Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.
+// nvfp4_moe_linear runs the GEMV per (token, expert) pair, or, for many pairs outside graph capture (a
+// prefill), sorts them by expert and runs grouped GEMMs on dequantized experts (one host sync).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,6 +26,9 @@ constexpr int64_t kBlock = 16;  // NVFP4 elements per E4M3 block scale
 // multiples of 128 so every chunk starts 16-byte aligned in the packed weight and its scales.
 constexpr int64_t kDequantChunkBytes = int64_t{32} << 20;
 constexpr int64_t kDequantChunkRows = 128;
+// nvfp4_moe_linear switches from the GEMV to sorted, dequantized grouped GEMMs at this many (token, expert)
+// pairs per expert (see nvfp4_moe_linear_cuda), when the stream is not being captured into a CUDA graph.
+constexpr int64_t kGroupedPairsPerExpert = 8;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -110,22 +115,63 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
     check_cuda_error(launch_nvfp4_gemv<T>(a, pairs, sm_count(x.get_device()), c10::cuda::getCurrentCUDAStream()), "nvfp4_gemv");
 }
 
-// Dequantizes one [N, K] NVFP4 weight to dtype (for cuBLAS).
+// Dequantizes NVFP4 weights to dtype (for cuBLAS): one [N, K] weight with global scale [], or E experts'
+// [E, N, K] with global scales [E].
 at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& global_scale,
                       int64_t n, int64_t k, at::ScalarType dtype) {
-    at::Tensor out = at::empty({n, k}, weight.options().dtype(dtype));
+    const int64_t experts = weight.dim() == 3 ? weight.size(0) : 1;
+    at::Tensor out = weight.dim() == 3 ? at::empty({experts, n, k}, weight.options().dtype(dtype))
+                                       : at::empty({n, k}, weight.options().dtype(dtype));
     const auto* w = weight.data_ptr<uint8_t>();
     const auto* ws = static_cast<const uint8_t*>(weight_scale.data_ptr());
     const float* gs = global_scale.data_ptr<float>();
-    const int64_t blocks = n * k / kBlock;
+    const int64_t per_expert = n * k / kBlock, blocks = experts * per_expert;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const cudaError_t err =
         dtype == at::kHalf
-            ? launch_nvfp4_dequantize<__half>(w, ws, gs, reinterpret_cast<__half*>(out.data_ptr()), blocks, stream)
+            ? launch_nvfp4_dequantize<__half>(w, ws, gs, reinterpret_cast<__half*>(out.data_ptr()), blocks,
+                                              per_expert, stream)
             : launch_nvfp4_dequantize<__nv_bfloat16>(w, ws, gs, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                                                     blocks, stream);
+                                                     blocks, per_expert, stream);
     check_cuda_error(err, "nvfp4_dequantize");
     return out;
+}
+
+// Routed experts for many (token, expert) pairs, e.g. a prefill: the GEMV would stream an expert's weights
+// once per pair routed to it (a 2k-token prompt of Qwen3-30B-A3B: 16k pairs re-reading 128 experts).
+// Instead the pairs are sorted by expert, a chunk of experts (kDequantChunkBytes) is dequantized at a time,
+// and one grouped GEMM (at::_grouped_mm) multiplies each expert's rows. Cutting the pairs into chunks needs
+// the per-expert counts on the host: one sync, so callers keep the GEMV inside CUDA-graph capture.
+//   x  T [T, K] (shared_x: every expert of a token reads its row) or [T, topk, K];  y  T [T, topk, N]
+void moe_grouped(const at::Tensor& x, bool shared_x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                 const at::Tensor& weight_global_scale, const at::Tensor& ids, at::Tensor& y, int64_t n, int64_t k) {
+    const int64_t experts = weight.size(0), topk = ids.size(1), pairs = ids.numel();
+    const at::Tensor flat = ids.reshape({pairs}).to(at::kLong);
+    const at::Tensor range = at::stack({flat.min(), flat.max()}).cpu();
+    ADALLM_CHECK(range[0].item<int64_t>() >= 0 && range[1].item<int64_t>() < experts,
+                 "adallm: expert_ids must lie in [0, ", experts, "), got values in [", range[0].item<int64_t>(),
+                 ", ", range[1].item<int64_t>(), "]");
+    const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, 0, false));
+    const at::Tensor counts = at::bincount(flat, {}, experts).cpu();
+    const auto* cnt = counts.data_ptr<int64_t>();
+    const at::Tensor xs = shared_x ? x.index_select(0, at::floor_divide(order, topk))
+                                   : x.reshape({pairs, k}).index_select(0, order);
+    at::Tensor ys = at::empty({pairs, n}, x.options());
+    const int64_t per_chunk = std::max<int64_t>(1, kDequantChunkBytes / (2 * n * k));
+    int64_t row = 0;
+    for (int64_t e0 = 0; e0 < experts; e0 += per_chunk) {
+        const int64_t e1 = std::min(experts, e0 + per_chunk);
+        std::vector<int32_t> offs;  // end row of each expert's group, relative to the chunk's first row
+        int64_t rows = 0;
+        for (int64_t e = e0; e < e1; ++e) offs.push_back(static_cast<int32_t>(rows += cnt[e]));
+        if (rows == 0) continue;
+        const at::Tensor w = dequantize(weight.narrow(0, e0, e1 - e0), weight_scale.narrow(0, e0, e1 - e0),
+                                        weight_global_scale.narrow(0, e0, e1 - e0), n, k, x.scalar_type());
+        const at::Tensor offs_dev = at::tensor(offs, at::kInt).to(x.device());
+        ys.narrow(0, row, rows).copy_(at::_grouped_mm(xs.narrow(0, row, rows), w.transpose(1, 2), offs_dev));
+        row += rows;
+    }
+    y.view({pairs, n}).index_copy_(0, order, ys);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -212,6 +258,14 @@ at::Tensor nvfp4_moe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, 
             const at::Tensor w = dequantize(weight[e], weight_scale[e], weight_global_scale[e], n, k, x.scalar_type());
             yf.index_copy_(0, sel, at::matmul(xs.index_select(0, sel), w.t()));
         }
+        return y;
+    }
+    // The GEMV reads an expert once per pair, the grouped GEMM dequantizes every expert once (~8x the
+    // packed bytes: read + bf16 write + read): past ~8 pairs per expert the grouped path moves less.
+    cudaStreamCaptureStatus capture;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+    if (pairs >= kGroupedPairsPerExpert * weight.size(0) && n % 8 == 0 && capture == cudaStreamCaptureStatusNone) {
+        moe_grouped(x, shared_x, weight, weight_scale, weight_global_scale, ids, y, n, k);
         return y;
     }
     const at::Tensor x2 = contiguous16(x);

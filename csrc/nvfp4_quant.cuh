@@ -80,15 +80,17 @@ __global__ void __launch_bounds__(kQuantThreads) nvfp4_quantize_kernel(const T* 
 
 // out = T(e2m1 * float(scale) * global), multiplied in that order in fp32 like the CPU reference's
 // dequantize_nvfp4, then rounded once to T. Used by the prefill path (dequantize, then cuBLAS).
+// Several experts' weights [E, N, K] at once: blocks_per_global = N K / 16 blocks share gs[b / blocks_per_global].
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) nvfp4_dequantize_kernel(const uint8_t* __restrict__ w,
                                                                          const uint8_t* __restrict__ ws,
                                                                          const float* __restrict__ gs,
-                                                                         T* __restrict__ out, int64_t blocks) {
+                                                                         T* __restrict__ out, int64_t blocks,
+                                                                         int64_t blocks_per_global) {
     const int64_t b = static_cast<int64_t>(blockIdx.x) * kQuantThreads + threadIdx.x;
     if (b >= blocks) return;
     const uint2 p = reinterpret_cast<const uint2*>(w)[b];
-    const float s = e4m3_to_float(ws[b]), g = *gs;
+    const float s = e4m3_to_float(ws[b]), g = gs[b / blocks_per_global];
     uint4 o[2];
     T* h = reinterpret_cast<T*>(o);
 #pragma unroll
@@ -111,10 +113,11 @@ cudaError_t launch_nvfp4_quantize(const T* x, const float* gs, uint8_t* w, uint8
 
 template <typename T>
 cudaError_t launch_nvfp4_dequantize(const uint8_t* w, const uint8_t* ws, const float* gs, T* out, int64_t blocks,
-                                    cudaStream_t stream) {
+                                    int64_t blocks_per_global, cudaStream_t stream) {
     if (blocks == 0) return cudaSuccess;
     const int64_t grid = (blocks + kQuantThreads - 1) / kQuantThreads;
-    nvfp4_dequantize_kernel<T><<<static_cast<unsigned>(grid), kQuantThreads, 0, stream>>>(w, ws, gs, out, blocks);
+    nvfp4_dequantize_kernel<T><<<static_cast<unsigned>(grid), kQuantThreads, 0, stream>>>(w, ws, gs, out, blocks,
+                                                                                           blocks_per_global);
     return cudaGetLastError();
 }
 

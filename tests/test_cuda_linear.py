@@ -122,7 +122,9 @@ def test_linear_gemv_matches_gemm_path():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared_x", [True, False])
-@pytest.mark.parametrize("t,topk", [(1, 8), (3, 2), (16, 4)])
+# t x topk >= 8 pairs per expert (64 here) takes the sorted grouped-GEMM path (prefill), fewer the GEMV; Qwen3-30B-A3B's
+# expert shapes dequantize 5 / 10 experts per 32 MiB chunk, so 8 experts span two chunks.
+@pytest.mark.parametrize("t,topk", [(1, 8), (3, 2), (16, 4), (200, 8)])
 @pytest.mark.parametrize("n,k", [(1536, 2048), (2048, 768), (40, 48)])
 def test_moe_linear(n, k, t, topk, shared_x, dtype):
     e = 8
@@ -132,12 +134,45 @@ def test_moe_linear(n, k, t, topk, shared_x, dtype):
     poison(t * topk * n, dtype)
     out = torch.ops.adallm.nvfp4_moe_linear(x, w, s, g, ids)
     assert out.shape == (t, topk, n)
-    xs = (x.unsqueeze(1).expand(t, topk, k) if shared_x else x)
-    wd = dequantize_nvfp4(w, s, g)  # [E, N, K] fp32
-    wsel = wd[ids.long()]  # [T, topk, N, K]
+    check_moe_close(out, x, w, s, g, ids)
+
+
+def check_moe_close(out, x, w, s, g, ids):
+    """out [T, topk, N] against the float64 routed product and plain torch on x.dtype-rounded weights."""
+    t, topk = ids.shape
+    xs = x.unsqueeze(1).expand(t, topk, x.shape[-1]) if x.dim() == 2 else x
+    wsel = dequantize_nvfp4(w, s, g)[ids.long()]  # [T, topk, N, K] fp32
     ref64 = torch.einsum("tjk,tjnk->tjn", xs.double(), wsel.double())
-    plain = torch.einsum("tjk,tjnk->tjn", xs.float(), wsel.to(dtype).float()).to(dtype)
+    plain = torch.einsum("tjk,tjnk->tjn", xs.float(), wsel.to(x.dtype).float()).to(x.dtype)
     check_close(out, ref64, plain)
+
+
+def test_moe_grouped_path_unrouted_experts_and_bad_id():
+    """The grouped path skips chunks no token is routed to, and raises (it syncs anyway) on an expert id out
+    of range, where the GEMV can only write NaN."""
+    e, t, topk, n, k = 16, 64, 2, 1536, 2048
+    w, s, g = random_nvfp4(n, k, experts=e)
+    ids = torch.randint(0, 3, (t, topk), device=DEV)  # experts 3..15 (the second and later chunks) unused
+    x = torch.randn(t, k, device=DEV, dtype=torch.bfloat16)
+    check_moe_close(torch.ops.adallm.nvfp4_moe_linear(x, w, s, g, ids), x, w, s, g, ids)
+    ids[5, 1] = e
+    with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, 16\)"):
+        torch.ops.adallm.nvfp4_moe_linear(x, w, s, g, ids)
+
+
+def test_moe_linear_cuda_graph_many_pairs():
+    """Inside graph capture, even pairs enough for the grouped path take the GEMV (no host sync)."""
+    e, t, topk, n, k = 4, 16, 4, 256, 512
+    w, s, g = random_nvfp4(n, k, experts=e)
+    ids = torch.randint(0, e, (t, topk), device=DEV)
+    x = torch.randn(t, k, device=DEV, dtype=torch.bfloat16)
+    torch.ops.adallm.nvfp4_moe_linear(x, w, s, g, ids)  # warm up (the grouped path: 64 pairs >= 8 per expert)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.adallm.nvfp4_moe_linear(x, w, s, g, ids)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    check_moe_close(out, x, w, s, g, ids)
 
 
 def test_moe_bad_expert_id_gives_nan():
