@@ -154,7 +154,9 @@ def nvfp4_moe_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     x: bf16/fp16 [T, K] (one input shared by the top-k experts, e.g. gate_up) or [T, topk, K] (one per
     expert, e.g. down); weight: uint8 [E, N, K/2]; weight_scale: e4m3 [E, N, K/16];
     weight_global_scale: fp32 [E]; expert_ids: int32/int64 [T, topk], each in [0, E).
-    Returns x.dtype [T, topk, N]. Only the routed experts' weights are read.
+    Returns x.dtype [T, topk, N]. Only the routed experts' weights are read. An id outside [0, E) raises
+    (CPU; CUDA with many pairs, a prefill) or, where checking would need a host sync (the CUDA GEMV of
+    decode steps), makes that row of the output NaN.
     """
     return torch.ops.adallm.nvfp4_moe_linear(x, weight, weight_scale, weight_global_scale, expert_ids)
 
