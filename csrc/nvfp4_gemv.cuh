@@ -229,14 +229,20 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
 // WK = 1 or 2 (long K ranges per warp) was slower everywhere. 132 SMs:
 //   4096 x 4096 (q/o): 256 tiles of 16 rows -> 128 CTAs at WK = 4 < 132 -> WK = 8, 256 CTAs
 //   6144 x 4096 (qkv): 384 tiles -> WK = 4, 192 CTAs;  24576 x 4096 (gate_up): WK = 4, 768 CTAs
-// Warps with no step of K left (K < 32 * 4 VEC * WK) only load and stay idle.
-inline int gemv_wk_log2(int64_t tiles, int num_sms) { return tiles * 4 / kGemvWarps >= num_sms ? 2 : 3; }
+// Capped so that every warp has a step of K (steps = K / (32 * 4 VEC)): Qwen3-30B-A3B's expert down
+// (K = 768, 2 steps at VEC = 4) gets WK = 2, 64 rows per CTA, instead of half its warps idle and twice the CTAs.
+inline int gemv_wk_log2(int64_t tiles, int num_sms, int steps) {
+    int wk_log2 = tiles * 4 / kGemvWarps >= num_sms ? 2 : 3;
+    while (wk_log2 > 0 && (1 << wk_log2) > steps) --wk_log2;
+    return wk_log2;
+}
 
 template <typename T, int MT, int VEC>
 cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
     if (static_cast<int64_t>(a.N) * a.K / 2 >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit offsets
     const int64_t tiles = static_cast<int64_t>((a.N + 15) / 16) * pairs;
-    const int wk_log2 = gemv_wk_log2(tiles, num_sms);
+    const int steps = (a.K / 32 + 4 * VEC - 1) / (4 * VEC);
+    const int wk_log2 = gemv_wk_log2(tiles, num_sms, steps);
     const int rows_cta = (kGemvWarps >> wk_log2) * 16;
     const int grid_x = (a.N + rows_cta - 1) / rows_cta;
     constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
