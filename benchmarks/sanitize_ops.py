@@ -29,7 +29,8 @@ def main():
     close(torch.ops.adallm.nvfp4_moe_linear(x.to(dev), *[t.to(dev) for t in ew], ids.to(dev)),
           torch.ops.adallm.nvfp4_moe_linear(x, *ew, ids))
     for b, hkv, group, d, length, window, seqlens in [(1, 8, 4, 128, 4096, 0, [3001]), (3, 2, 2, 64, 40, 0, [7, 19, 40]),
-                                                       (2, 4, 2, 256, 16, 16, [39, 16])]:
+                                                       (2, 4, 2, 256, 16, 16, [39, 16]), (2, 4, 8, 128, 2048, 0, [2048, 999]),
+                                                       (1, 2, 12, 256, 700, 0, [700])]:
         kc = torch.zeros(b, hkv, length, d, dtype=torch.float8_e4m3fn, device=dev)
         vc, ks, vs = kc.clone(), torch.ones(b, hkv, length, device=dev), torch.ones(b, hkv, length, device=dev)
         new = torch.randn(b, hkv, length, d, dtype=torch.bfloat16, device=dev)
