@@ -68,9 +68,13 @@ class NVFP4Experts(nn.Module):
             packed, scale, glob = getattr(mod, f"{name}_weight"), getattr(mod, f"{name}_weight_scale"), \
                 getattr(mod, f"{name}_weight_global_scale")
             for j in range(e):
-                q = nvfp4.quantize(w[j].detach(), name=f"experts.{name}_proj[{j}]", method=method,
-                                   hessian=None if hessians is None else hessians[i][j])
-                packed[j], scale[j], glob[j] = q.weight, q.weight_scale, q.weight_global_scale
+                # gate and up as the two parts of a fused group, as a checkpoint stores them and quantize-on-load
+                # quantizes them ("mse" weighs each part's columns by that part's norms)
+                parts = w[j].detach().chunk(2) if name == "gate_up" else (w[j].detach(),)
+                qs = nvfp4.quantize_group(list(parts), [f"experts.{name}_proj[{j}]"] * len(parts), method=method,
+                                          hessian=None if hessians is None else hessians[i][j])
+                packed[j], scale[j] = torch.cat([q.weight for q in qs]), torch.cat([q.weight_scale for q in qs])
+                glob[j] = qs[0].weight_global_scale
         return mod
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -1,7 +1,7 @@
 """A short run of benchmarks/accuracy.py on the real Gemma3-270M (slow: `pytest -m slow tests/test_accuracy.py`).
 
 Checks the issue's claims on a shortened text (2 chunks of 640 tokens, past the 512-token window):
-the quantizers beat round-to-nearest (gptq: KL <= 0.7x; all: higher top-1), the FP8 KV cache adds little
+the quantizers beat round-to-nearest (the default and gptq: KL <= 0.7x; all: higher top-1), the FP8 KV cache adds little
 KL on top of NVFP4 weights, and the real adallm model computes the same function as its fake-quant copy.
 """
 import importlib.util
@@ -35,7 +35,8 @@ def test_quantizers_beat_rtn(result):
     assert 0.05 < rtn["kl"] < 1.0  # NVFP4 on this model: ~0.25/token; not zero (the candidate really is quantized)
     for m in ("mse", "gptq", nvfp4.DEFAULT_METHOD):
         assert c[f"fake/w-{m}"]["kl"] < 0.9 * rtn["kl"] and c[f"fake/w-{m}"]["top1"] > rtn["top1"]
-    assert c["fake/w-gptq"]["kl"] <= 0.7 * rtn["kl"]  # the issue's bar, met with calibration
+    for m in (nvfp4.DEFAULT_METHOD, "gptq"):
+        assert c[f"fake/w-{m}"]["kl"] <= 0.7 * rtn["kl"], m  # the issue's bar: data-free (mse), calibrated (gptq)
 
 
 def test_fp8_kv_adds_little(result):
