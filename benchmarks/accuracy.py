@@ -314,7 +314,11 @@ def run(args) -> dict:
     def candidate(name: str, fn):
         t = time.time()
         h_cands[name], greedy_out[name] = fn()
-        log(f"{name}: {time.time() - t:.0f}s")
+        note = ""
+        if args.device == "cuda":  # GPU time is rationed: a run cut short still leaves each finished row's numbers
+            m = compare(model, batch, h_ref, {name: h_cands[name]}, window)[1][name]
+            note = f" (KL {m['kl']:.4f}, past window {m['kl_past_window']:.4f}, top-1 {m['top1']:.4f})"
+        log(f"{name}: {time.time() - t:.0f}s{note}")
 
     def fake(weights, kv):
         with swapped_weights(weights or {}), (fake_fp8_kv(model) if kv else contextlib.nullcontext()):
