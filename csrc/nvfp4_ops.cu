@@ -119,13 +119,13 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
 // [E, N, K] with global scales [E].
 at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& global_scale,
                       int64_t n, int64_t k, at::ScalarType dtype) {
-    const int64_t experts = weight.dim() == 3 ? weight.size(0) : 1;
-    at::Tensor out = weight.dim() == 3 ? at::empty({experts, n, k}, weight.options().dtype(dtype))
-                                       : at::empty({n, k}, weight.options().dtype(dtype));
+    std::vector<int64_t> shape = weight.sizes().vec();  // [(E,) N, K/2] -> [(E,) N, K]
+    shape.back() = k;
+    at::Tensor out = at::empty(shape, weight.options().dtype(dtype));
     const auto* w = weight.data_ptr<uint8_t>();
     const auto* ws = static_cast<const uint8_t*>(weight_scale.data_ptr());
     const float* gs = global_scale.data_ptr<float>();
-    const int64_t per_expert = n * k / kBlock, blocks = experts * per_expert;
+    const int64_t per_expert = n * k / kBlock, blocks = out.numel() / kBlock;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const cudaError_t err =
         dtype == at::kHalf
