@@ -262,11 +262,13 @@ at::Tensor nvfp4_moe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, 
     }
     // The GEMV reads an expert once per pair, the grouped GEMM dequantizes every expert once (~8x the
     // packed bytes: read + bf16 write + read): past ~8 pairs per expert the grouped path moves less.
-    cudaStreamCaptureStatus capture;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
-    if (pairs >= kGroupedPairsPerExpert * weight.size(0) && n % 8 == 0 && capture == cudaStreamCaptureStatusNone) {
-        moe_grouped(x, shared_x, weight, weight_scale, weight_global_scale, ids, y, n, k);
-        return y;
+    if (pairs >= kGroupedPairsPerExpert * weight.size(0) && n % 8 == 0) {  // not for decode-sized batches
+        cudaStreamCaptureStatus capture;
+        C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+        if (capture == cudaStreamCaptureStatusNone) {
+            moe_grouped(x, shared_x, weight, weight_scale, weight_global_scale, ids, y, n, k);
+            return y;
+        }
     }
     const at::Tensor x2 = contiguous16(x);
     if (x.scalar_type() == at::kHalf)
