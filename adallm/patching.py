@@ -8,7 +8,9 @@ Module names after patching (what checkpoint code reads and writes), per decoder
     self_attn.q_norm / k_norm            unchanged (BF16)
     mlp.gate_up_proj     NVFP4Linear(parts=("gate_proj", "up_proj")),  mlp.down_proj  NVFP4Linear
     MoE: mlp.gate (router, unchanged), mlp.experts  NVFP4Experts (buffers in adallm/mlp.py)
-and `lm_head` becomes an NVFP4Linear when quantize_lm_head=True. Embeddings and norms stay as they are.
+and `lm_head` becomes an NVFP4Linear when quantize_lm_head=True. Embeddings and norms stay as they are: where
+the config ties lm_head to the input embedding (Gemma3), the NVFP4 lm_head is a new module quantized from the
+shared matrix, the embedding keeps its exact weights, and lm_head is taken out of transformers' tie map.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
     quantized in order, each from hessians of its inputs on that text with the earlier layers already
     quantized (adallm/calibration.py); the model must be bfloat16/float16 (the quantized layers run through
     the adallm ops). Extra peak memory: the calibration activations and one layer's hessians.
-    quantize_lm_head: also make lm_head NVFP4 (default: it stays in the model's dtype).
+    quantize_lm_head: also make lm_head NVFP4 (default: it stays in the model's dtype); a tied input embedding
+    stays exact (see this module's docstring).
     After patching, `model.generate` uses an Fp8KVCache unless the call passes a cache or a cache_implementation,
     and on CUDA decodes with CUDA-graph steps and no host sync per token (adallm/generation.py).
     """
@@ -90,9 +93,23 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
             lm_head_hessian = quantize_layers(text, calibration, patch_layer, progress)
         if quantize_lm_head:
             model.lm_head = _linear([model.lm_head], (), quantize, method, lm_head_hessian)
+            _untie_lm_head(model)
     use_fp8_cache_in_generate(model)
     use_graph_decode_in_generate(model)
     return model
+
+
+def _untie_lm_head(model: nn.Module) -> None:
+    """lm_head is an NVFP4Linear now (its `weight` buffer holds packed codes), no longer the input embedding's
+    Parameter: drops it from the model's tie maps, so that transformers' tie_weights() (called by
+    from_pretrained after loading, by resize_token_embeddings, or by the user) neither puts the BF16 embedding
+    into lm_head.weight nor fails on it. The embedding itself is not touched."""
+    def untied(keys):
+        return {k: v for k, v in keys.items() if not k.startswith("lm_head.")}
+    for attr in ("_tied_weights_keys", "all_tied_weights_keys"):  # transformers 5.x: {target: source} dicts
+        keys = getattr(model, attr, None)
+        if isinstance(keys, dict):
+            setattr(model, attr, untied(keys))  # an instance attribute: the class keeps its own
 
 
 def _family_of(model: nn.Module) -> Family:

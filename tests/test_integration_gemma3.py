@@ -54,3 +54,41 @@ def test_multimodal_text_tower():
     splits = [12, 13, 14, 15, 16]
     for fp8 in (True, False):
         assert_fa3_rule(*three_way(models, fp8, tokens, splits, mask), mask.bool(), f"multimodal fp8={fp8}")
+
+
+def test_quantize_lm_head_keeps_tied_embedding_exact(tmp_path):
+    """Gemma3 ties lm_head to the input embedding. quantize_lm_head=True makes lm_head a separate NVFP4Linear: the
+    embedding keeps its exact weights, the logits come from the quantized head, and transformers' tie_weights()
+    (run by from_pretrained after loading, by resize_token_embeddings, by users) neither puts the BF16 embedding
+    back into lm_head.weight nor fails on the packed buffer. The saved checkpoint loads back the same tensors
+    (logits are not compared there: the reloaded tiny model computes its RoPE tables in fp32, this one cast them)."""
+    import torch.nn.functional as F
+    from integration_common import tiny_model
+
+    from adallm.linear import NVFP4Linear
+    model = tiny_model("gemma3")
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    embed = model.model.embed_tokens.weight.detach().clone()
+    adallm.patch(model, quantize_lm_head=True, progress=False)
+    assert isinstance(model.lm_head, NVFP4Linear) and model.lm_head.weight.dtype == torch.uint8
+    emb = model.model.embed_tokens.weight
+    assert isinstance(emb, torch.nn.Parameter) and emb.dtype == torch.bfloat16 and torch.equal(emb, embed)
+    ids = torch.randint(1, 250, (1, 12))
+    with torch.no_grad():
+        logits = model(ids).logits
+        h = model.model(ids).last_hidden_state
+    head = model.lm_head.dequantize(torch.float32)
+    assert not torch.equal(head.to(torch.bfloat16), embed)  # really quantized
+    assert (logits.float() - F.linear(h.float(), head)).abs().max() <= 0.02 * logits.float().abs().max()
+    model.tie_weights()  # recomputes the mapping from the config
+    model.tie_weights(missing_keys=set(), recompute_mapping=False)  # what from_pretrained runs after loading
+    assert isinstance(model.lm_head, NVFP4Linear) and model.lm_head.weight.dtype == torch.uint8
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    adallm.save_pretrained(model, str(tmp_path))
+    loaded = adallm.from_pretrained(str(tmp_path), device="cpu", progress=False)
+    assert isinstance(loaded.lm_head, NVFP4Linear) and torch.equal(loaded.model.embed_tokens.weight, embed)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float())
+                                        for k in a if k.startswith("lm_head."))
