@@ -1,0 +1,67 @@
+"""`adallm bench` on CPU: the timing functions are stubbed (they need CUDA), everything else runs for real on tiny
+random models: the flag plumbing of --quantize-lm-head, the recorded field and row label, and the weight-bytes floor."""
+import json
+
+import pytest
+import torch
+from integration_common import tiny_model
+from torch import nn
+
+from adallm import bench
+from adallm.linear import NVFP4Linear
+
+
+def _nvfp4_bytes(n: int, k: int) -> int:
+    return n * k // 2 + n * k // 16 + 4  # codes uint8 [N, K/2], e4m3 scales [N, K/16], fp32 global scale
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])  # gemma3: lm_head tied to the embedding
+@pytest.mark.parametrize("quantize_lm_head", [False, True])
+def test_bench_quantize_lm_head(family, quantize_lm_head, monkeypatch, tmp_path, capsys):
+    model = tiny_model(family)
+    embed = model.get_input_embeddings().weight.detach().clone()
+    heads = []  # (row being measured, lm_head module type) as generate would see them
+
+    def fake_measure(m, batch, prompt_len, new_tokens, repeats=3, **kw):
+        heads.append(("bf16" if kw.get("cache_implementation") == "static" else "adallm", type(m.lm_head)))
+        return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ttft_ms=1.0, decode_ms_per_step=1.0,
+                    decode_tok_s=batch * 1e3, peak_gib=1.0)
+
+    monkeypatch.setattr(bench, "build_model", lambda name: model)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "measure_prefill", lambda *a, **kw: 1e4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu (stubbed)")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = tmp_path / "bench.json"
+    bench.main(["tiny", "--batches", "1", "--out", str(out)] + (["--quantize-lm-head"] if quantize_lm_head else []))
+    res = json.loads(out.read_text())
+    text = capsys.readouterr().out
+
+    label = "adallm+lm_head" if quantize_lm_head else "adallm"
+    assert res["quantize_lm_head"] is quantize_lm_head
+    assert list(res["rows"]) == ["bf16", label]
+    assert f"\n{label} " in text and ("lm_head NVFP4" if quantize_lm_head else "lm_head BF16") in text
+    assert heads == [("bf16", nn.Linear), ("adallm", NVFP4Linear if quantize_lm_head else nn.Linear)]
+    assert torch.equal(model.get_input_embeddings().weight, embed)  # a tied embedding stays exact
+
+    # the floor: the lm_head counted once, at its NVFP4 size when quantized, else BF16 (tied or not)
+    cfg = model.config
+    v, h = cfg.vocab_size, cfg.hidden_size
+    bf16_head, nvfp4_head = v * h * 2, _nvfp4_bytes(v, h)
+    decoder = sum(t.numel() * t.element_size() for t in (*model.model.layers.parameters(), *model.model.layers.buffers(),
+                                                        *model.model.norm.parameters()))
+    expected = decoder + (nvfp4_head if quantize_lm_head else bf16_head) + h * 2  # + one embedding row
+    assert res["rows"][label]["weight_bytes_per_token"] == expected
+    assert res["rows"][label]["decode"][0]["floor_ms"] == pytest.approx(expected / 1e12 * 1e3)
+    bf16 = res["rows"]["bf16"]["weight_bytes_per_token"]
+    assert bf16 > expected  # the BF16 model reads more
+    if quantize_lm_head:
+        assert bf16 - expected > bf16_head - nvfp4_head  # the head's saving, plus the decoder's
+
+
+def test_bench_help_documents_quantize_lm_head(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert "--quantize-lm-head" in capsys.readouterr().out
