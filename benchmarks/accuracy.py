@@ -7,6 +7,10 @@ token sequences:
   fake/kv              attention reads K/V rounded through the FP8 cache numerics (e4m3, one scale per
                        token and head: adallm_ops.reference.fp8_quantize_rows), i.e. what a decode step sees
   fake/w-<method>+kv   both
+  fake/w-<method>+lm_head   (--lm-head) fake/w-<method> with lm_head NVFP4 too (same method; gptq: from the
+                       hessian of the final norm's output, as adallm.patch(quantize_lm_head=True) does). Gemma3
+                       ties lm_head to the input embedding: the quantized head is a separate module, the embedding
+                       stays exact
   (method "gptq" calibrates on text the model samples itself, --calib-seqs x --calib-len tokens, layer by
   layer as adallm.patch does, adallm.calibration; fake/w-gptq follows the same sequential recipe with dense
   layers carrying the fake-quantized weights)
@@ -14,6 +18,7 @@ token sequences:
   adallm/w-<method>+kv the same, each chunk fed through its Fp8KVCache (--kv-piece tokens per forward; 1 =
                        every token a decode step through adallm::fp8_decode_attention); generation uses it
                        as `generate` does by default
+  adallm/w-<method>+lm_head (--lm-head) adallm.patch(..., quantize_lm_head=True): lm_head an NVFP4Linear too
   fake/w-gptq@adallm   the adallm gptq model's own NVFP4 weights, dequantized into the plain model: gptq's
                        choices depend on the calibration activations, which the kernels round slightly
                        differently from the dense fake-quant, so this, not fake/w-gptq, checks the kernels
@@ -33,6 +38,7 @@ file in transformers also needs accelerate). Nothing is downloaded at run time.
 
   python benchmarks/accuracy.py --device cpu --out benchmarks/results/accuracy_cpu.json
   python benchmarks/accuracy.py --device cuda --out benchmarks/results/accuracy_cuda.json
+  python benchmarks/accuracy.py --device cpu --quick --methods mse --no-kv --lm-head   # + lm_head NVFP4 rows
 """
 from __future__ import annotations
 
@@ -114,11 +120,14 @@ def prompts(ids: torch.Tensor, bos: int, n: int, length: int) -> torch.Tensor:
     return torch.stack([torch.cat([torch.tensor([bos]), ids[s: s + length - 1]]) for s in starts])
 
 
-def fake_quant_weights(model, method: str, calibration: torch.Tensor | None = None) -> dict[nn.Linear, torch.Tensor]:
+def fake_quant_weights(model, method: str, calibration: torch.Tensor | None = None,
+                       hessians_out: dict | None = None) -> dict[nn.Linear, torch.Tensor]:
     """{linear: NVFP4-dequantized weight (model dtype)} for every quantizable linear; the model is unchanged.
 
     "gptq" follows adallm.patch's recipe (adallm.calibration.quantize_layers on the `calibration` ids):
-    layer by layer, each layer's hessians taken with the earlier layers already (fake-)quantized."""
+    layer by layer, each layer's hessians taken with the earlier layers already (fake-)quantized; the hessian
+    of the final norm's output (the lm_head's input, on the quantized layers) goes to hessians_out["lm_head"]
+    when a dict is passed."""
     out = {}
 
     def quantize_layer(layer, hessians=None):
@@ -140,11 +149,37 @@ def fake_quant_weights(model, method: str, calibration: torch.Tensor | None = No
     saved = {lin: lin.weight.data for layer in model.model.layers for owner_name, group in GROUPS
              for lin in (getattr(getattr(layer, owner_name), n) for n in group)}
     try:
-        quantize_layers(model.model, calibration, quantize_layer)
+        head_hessian = quantize_layers(model.model, calibration, quantize_layer)
+        if hessians_out is not None:
+            hessians_out["lm_head"] = head_hessian
     finally:
         for lin, w in saved.items():
             lin.weight.data = w
     return out
+
+
+def fake_quant_lm_head(model, method: str, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """lm_head's weight NVFP4-quantized with `method` (its own global scale) and dequantized (model dtype)."""
+    w = model.lm_head.weight
+    return nvfp4.quantize(w.detach().float(), method=method, hessian=hessian).dequantize(w.dtype)
+
+
+@contextlib.contextmanager
+def swapped_lm_head(model, weight: torch.Tensor | None):
+    """Temporarily replaces the lm_head module by a dense one holding `weight` (None: no change). A new
+    module, not new data in the old one: a tied lm_head shares its Parameter with the input embedding, which
+    must stay exact."""
+    if weight is None:
+        yield
+        return
+    saved = model.lm_head
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    model.lm_head = head
+    try:
+        yield
+    finally:
+        model.lm_head = saved
 
 
 @contextlib.contextmanager
@@ -205,10 +240,11 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tens
     return out[:, prompt.shape[1]:].cpu()
 
 
-def logprobs(model, h: torch.Tensor) -> torch.Tensor:
-    """h [n, H] -> fp32 log-probabilities [n, V] of the next token (the model's lm_head and soft-cap)."""
+def logprobs(model, h: torch.Tensor, head=None) -> torch.Tensor:
+    """h [n, H] -> fp32 log-probabilities [n, V] of the next token (the model's soft-cap; `head`, a module or
+    callable h -> logits, in place of the model's lm_head when given)."""
     lm = model.lm_head
-    logits = lm(h.to(lm.weight.device, lm.weight.dtype)).float()
+    logits = (head or lm)(h.to(lm.weight.device, lm.weight.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -217,8 +253,10 @@ def logprobs(model, h: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def compare(model, batch: torch.Tensor, h_ref: torch.Tensor, h_cands: dict[str, torch.Tensor],
-            window: int) -> tuple[dict, dict]:
-    """Token metrics of each candidate vs the reference over every chunk; returns (reference, {name: metrics})."""
+            window: int, heads: dict | None = None) -> tuple[dict, dict]:
+    """Token metrics of each candidate vs the reference over every chunk; returns (reference, {name: metrics}).
+    heads: {name: lm_head module/callable} for candidates whose logits come from their own (quantized) lm_head."""
+    heads = heads or {}
     sums = {n: {"kl": 0.0, "kl_in": 0.0, "kl_past": 0.0, "top1": 0, "nll": 0.0} for n in h_cands}
     ref_nll, count, count_in = 0.0, 0, 0
     t = batch.shape[1] - 1  # positions 0..T-2 predict tokens 1..T-1
@@ -233,7 +271,7 @@ def compare(model, batch: torch.Tensor, h_ref: torch.Tensor, h_cands: dict[str, 
             count += hi - lo
             count_in += int(inside.sum())
             for name, h in h_cands.items():
-                lc = logprobs(model, h[c, lo:hi])
+                lc = logprobs(model, h[c, lo:hi], heads.get(name))
                 kl = (lr.exp() * (lr - lc)).sum(-1)
                 s = sums[name]
                 s["kl"] += kl.sum().item()
@@ -268,12 +306,13 @@ def adallm_weights(patched, model) -> dict[nn.Linear, torch.Tensor]:
     return out
 
 
-def adallm_model(model, method: str, calibration: torch.Tensor | None = None):
+def adallm_model(model, method: str, calibration: torch.Tensor | None = None, quantize_lm_head: bool = False):
     """The real adallm model: a copy of `model` patched by adallm.patch with NVFP4 weights from `method`
-    ("gptq": calibrated on the `calibration` ids, layer by layer)."""
+    ("gptq": calibrated on the `calibration` ids, layer by layer), lm_head too if quantize_lm_head."""
     import copy
 
-    return adallm.patch(copy.deepcopy(model), method=method, calibration=calibration, progress=False)
+    return adallm.patch(copy.deepcopy(model), method=method, calibration=calibration, progress=False,
+                        quantize_lm_head=quantize_lm_head)
 
 
 @torch.inference_mode()
@@ -310,20 +349,24 @@ def run(args) -> dict:
     g_ref = greedy(model, prompt, args.new_tokens)
     log(f"reference: {time.time() - t0:.0f}s")
 
-    h_cands, greedy_out, scored = {}, {}, {}
-    def candidate(name: str, fn):
+    h_cands, heads, greedy_out, scored = {}, {}, {}, {}
+    def candidate(name: str, fn, head=None):
+        """head: the candidate's own lm_head (module or callable) for its logits; default the model's."""
         t = time.time()
         h, greedy_out[name] = fn()
         note = ""
         if args.device == "cuda":  # GPU time is rationed: score each row now, so a run cut short still logs it
-            m = scored[name] = compare(model, batch, h_ref, {name: h}, window)[1][name]
+            m = scored[name] = compare(model, batch, h_ref, {name: h}, window, {name: head} if head else None)[1][name]
             note = f" (KL {m['kl']:.4f}, past window {m['kl_past_window']:.4f}, top-1 {m['top1']:.4f})"
         else:  # scored together at the end: one pass over the reference's logits for all of them
             h_cands[name] = h
+            if head is not None:
+                heads[name] = head
         log(f"{name}: {time.time() - t:.0f}s{note}")
 
-    def fake(weights, kv):
-        with swapped_weights(weights or {}), (fake_fp8_kv(model) if kv else contextlib.nullcontext()):
+    def fake(weights, kv, head_weight=None):
+        with swapped_weights(weights or {}), swapped_lm_head(model, head_weight), \
+                (fake_fp8_kv(model) if kv else contextlib.nullcontext()):
             return hidden_states(model, batch), greedy(model, prompt, args.new_tokens)
 
     if not args.no_kv:
@@ -336,12 +379,20 @@ def run(args) -> dict:
             f"{time.time() - t:.0f}s")
     for method in args.methods:
         t = time.time()
-        weights = fake_quant_weights(model, method, calib if method == "gptq" else None)
+        hess = {}
+        weights = fake_quant_weights(model, method, calib if method == "gptq" else None, hess)
         log(f"quantized with {method} in {time.time() - t:.1f}s")
-        candidate(f"fake/w-{method}", lambda: fake(weights, False))
+        candidate(f"fake/w-{method}", lambda w=weights: fake(w, False))
         if not args.no_kv:
-            candidate(f"fake/w-{method}+kv", lambda: fake(weights, True))
-        del weights
+            candidate(f"fake/w-{method}+kv", lambda w=weights: fake(w, True))
+        if args.lm_head:
+            t = time.time()
+            head_w = fake_quant_lm_head(model, method, hess.get("lm_head"))
+            log(f"lm_head quantized with {method} in {time.time() - t:.1f}s")
+            candidate(f"fake/w-{method}+lm_head", lambda w=weights, hw=head_w: fake(w, False, hw),
+                      head=lambda x, w=head_w: F.linear(x, w))
+            del head_w
+        del weights, hess
 
     if args.adallm:
         if dtype == torch.float32:
@@ -363,8 +414,17 @@ def run(args) -> dict:
                     candidate("fake/w-gptq@adallm", lambda: fake(own, False))
                     del own
                 del patched
+                if args.lm_head:
+                    t = time.time()
+                    patched = adallm_model(model, method, calib if method == "gptq" else None, quantize_lm_head=True)
+                    log(f"adallm.patch with {method}, quantize_lm_head=True in {time.time() - t:.1f}s")
+                    candidate(f"adallm/w-{method}+lm_head", lambda: (
+                        hidden_states(patched, batch),
+                        greedy(patched, prompt, args.new_tokens, cache_implementation="dynamic")),
+                        head=patched.lm_head)
+                    del patched
 
-    ref, metrics = compare(model, batch, h_ref, h_cands, window)
+    ref, metrics = compare(model, batch, h_ref, h_cands, window, heads)
     metrics = {**scored, **metrics}
     for name in metrics:
         metrics[name].update(greedy_agreement(g_ref, greedy_out[name]))
@@ -378,12 +438,13 @@ def run(args) -> dict:
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip(),
         "default_method": nvfp4.DEFAULT_METHOD,
-        "kv_piece": args.kv_piece, "calibration": {"seqs": args.calib_seqs, "len": args.calib_len}, "reference": ref, "configs": metrics, "summary": summary(metrics, args.methods),
+        "kv_piece": args.kv_piece, "lm_head_rows": args.lm_head, "calibration": {"seqs": args.calib_seqs, "len": args.calib_len}, "reference": ref, "configs": metrics, "summary": summary(metrics, args.methods),
     }
 
 
 def summary(metrics: dict, methods: list[str]) -> dict:
-    """The issue's checks, per method: KL vs RTN's, KL the FP8 KV cache adds, adallm's KL over fake-quant's."""
+    """The issue's checks, per method: KL vs RTN's, KL the FP8 KV cache adds, adallm's KL over fake-quant's, and
+    (--lm-head) the KL and top-1 change an NVFP4 lm_head adds."""
     out = {}
     for m in methods:
         s = {}
@@ -392,6 +453,11 @@ def summary(metrics: dict, methods: list[str]) -> dict:
             if w and wkv:
                 s[f"{kind}_kv_added_kl"] = wkv["kl"] - w["kl"]
                 s[f"{kind}_kv_added_kl_past_window"] = wkv["kl_past_window"] - w["kl_past_window"]
+        for kind in ("fake", "adallm"):  # what quantizing lm_head adds on top of the weights-only row
+            w, wh = metrics.get(f"{kind}/w-{m}"), metrics.get(f"{kind}/w-{m}+lm_head")
+            if w and wh:
+                s[f"{kind}_lm_head_added_kl"] = wh["kl"] - w["kl"]
+                s[f"{kind}_lm_head_top1_change"] = wh["top1"] - w["top1"]
         if "fake/w-rtn" in metrics and f"fake/w-{m}" in metrics:
             s["kl_vs_rtn"] = metrics[f"fake/w-{m}"]["kl"] / metrics["fake/w-rtn"]["kl"]
             s["top1_minus_rtn"] = metrics[f"fake/w-{m}"]["top1"] - metrics["fake/w-rtn"]["top1"]
@@ -399,6 +465,8 @@ def summary(metrics: dict, methods: list[str]) -> dict:
         same = f"fake/w-{m}@adallm" if f"fake/w-{m}@adallm" in metrics else f"fake/w-{m}"
         if f"adallm/w-{m}" in metrics and same in metrics:
             s["adallm_kl_over_fake"] = metrics[f"adallm/w-{m}"]["kl"] / metrics[same]["kl"]
+        if f"adallm/w-{m}+lm_head" in metrics and f"fake/w-{m}+lm_head" in metrics:  # gptq: hessians differ slightly
+            s["adallm_lm_head_kl_over_fake"] = metrics[f"adallm/w-{m}+lm_head"]["kl"] / metrics[f"fake/w-{m}+lm_head"]["kl"]
         if same != f"fake/w-{m}" and same in metrics and f"fake/w-{m}" in metrics:
             s["fake_kl_adallm_weights_over_fake_recipe"] = metrics[same]["kl"] / metrics[f"fake/w-{m}"]["kl"]
         out[m] = s
@@ -407,10 +475,10 @@ def summary(metrics: dict, methods: list[str]) -> dict:
 
 def table(result: dict) -> str:
     cols = ("kl", "kl_past_window", "top1", "ppl", "greedy_prefix", "greedy_exact")
-    lines = [f"{'config':24s} " + " ".join(f"{c:>14s}" for c in cols),
-             f"{'reference':24s} {'':>14s} {'':>14s} {'':>14s} {result['reference']['ppl']:14.3f}"]
+    lines = [f"{'config':26s} " + " ".join(f"{c:>14s}" for c in cols),
+             f"{'reference':26s} {'':>14s} {'':>14s} {'':>14s} {result['reference']['ppl']:14.3f}"]
     for name, m in result["configs"].items():
-        lines.append(f"{name:24s} " + " ".join(f"{m[c]:14.4f}" for c in cols))
+        lines.append(f"{name:26s} " + " ".join(f"{m[c]:14.4f}" for c in cols))
     return "\n".join(lines)
 
 
@@ -431,6 +499,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-kv", action="store_true", help="skip the FP8 KV configurations")
     p.add_argument("--adallm", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the real adallm model (adallm.patch; needs --dtype bfloat16 on cpu)")
+    p.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False,
+                   help="also the rows with lm_head NVFP4 too (fake/w-<method>+lm_head, and adallm/w-<method>+lm_head "
+                        "with --adallm): adallm.patch(quantize_lm_head=True)")
     p.add_argument("--kv-piece", type=int, default=None,
                    help="tokens per forward through the FP8 cache in adallm/...+kv (default: 1 on cuda, i.e. "
                         "every token a decode step; 64 on cpu, where per-token decode of the whole text is too slow)")
