@@ -95,11 +95,14 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
     const int items = (steps + WK - 1) >> wk_log2;  // item j of this warp = step wk + j WK
     const uint64_t policy = l2_evict_first_policy();
 
-    // Byte offsets (32-bit: the launcher checks N K / 2 < 2^31) of the lane's two rows in w, in slots of
-    // 16 bytes; the scales of slot s are bytes 2 s, 2 s + 1 of the row in ws. Rows past N read row 0
-    // (never stored) and slots past the end read the row's slot 0 (their x is zero): no load is guarded.
+    // The lane's two rows in w, in slots of 16 bytes, and their scales (2 bytes per slot) in ws. Rows past N
+    // read row 0 (never stored) and slots past the end read the row's slot 0 (their x is zero): no load is
+    // guarded. Offsets are 32-bit (the launcher checks N K / 2 < 2^31): one address instruction per load.
     const uint32_t rowA = nA < N ? nA : 0, rowB = nB < N ? nB : 0;
-    const uint32_t slotA = rowA * slots, slotB = rowB * slots;  // first slot of each row
+    const uint4* wA = reinterpret_cast<const uint4*>(w) + rowA * slots;
+    const uint4* wB = reinterpret_cast<const uint4*>(w) + rowB * slots;
+    const uint16_t* sA = reinterpret_cast<const uint16_t*>(ws) + rowA * slots;
+    const uint16_t* sB = reinterpret_cast<const uint16_t*>(ws) + rowB * slots;
     // x rows of the lane's B fragment (m = g + 8 mt); rows >= M read zeros.
     const T* xl[MT];
 #pragma unroll
@@ -115,10 +118,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvAr
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
             const uint32_t s = 4 * v < left ? s0 + 4 * v : 0;
-            st.wa[v] = ld_stream_v4(w + 16 * static_cast<uint64_t>(slotA + s), policy);
-            st.wb[v] = ld_stream_v4(w + 16 * static_cast<uint64_t>(slotB + s), policy);
-            st.sa[v] = ld_stream_u16(ws + 2 * static_cast<uint64_t>(slotA + s), policy);
-            st.sb[v] = ld_stream_u16(ws + 2 * static_cast<uint64_t>(slotB + s), policy);
+            st.wa[v] = ld_stream_v4(wA + s, policy);
+            st.wb[v] = ld_stream_v4(wB + s, policy);
+            st.sa[v] = ld_stream_u16(sA + s, policy);
+            st.sb[v] = ld_stream_u16(sB + s, policy);
         }
     };
 

@@ -84,6 +84,22 @@ def test_linear_awkward_shapes(n, k, m, dtype):
     linear_case(n, k, m, dtype, with_bias=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_m1_half_codes_and_wide_x(dtype):
+    """M = 1 (the block-diagonal GEMV): the E2M1 0.5 code, a 16-bit subnormal once decoded, must reach the
+    tensor cores exactly, and x spanning 2^-20..2^12 must survive the GEMV's power-of-two staging."""
+    n, k = 64, 4096
+    w = torch.full((n, k // 2), 0x91, dtype=torch.uint8, device=DEV)  # elements +0.5 (even k), -0.5 (odd k)
+    w[1::2] = 0x19  # odd rows: -0.5, +0.5
+    s = torch.ones(n, k // 16, device=DEV).to(torch.float8_e4m3fn)
+    g = torch.ones((), device=DEV)
+    mag = torch.exp2(torch.randint(-20, 13, (1, k), device=DEV).float())
+    x = (mag * torch.randn(1, k, device=DEV).sign()).to(dtype)
+    out = torch.ops.adallm.nvfp4_linear(x, w, s, g, None)
+    wd = dequantize_nvfp4(w, s, g).double()
+    check_close(out, x.double() @ wd.t(), F.linear(x, wd.to(dtype)))
+
+
 def test_linear_leading_dims_and_noncontiguous_x():
     w, s, g = random_nvfp4(64, 256)
     x = torch.randn(2, 3, 512, device=DEV, dtype=torch.bfloat16)[..., ::2]  # [2, 3, 256], strided
