@@ -97,8 +97,23 @@ def load_model(device: str, dtype: torch.dtype, gguf: str | None = None):
     return model.to(device).eval(), tok
 
 
+# The model's own tokenizer splits this probe into these ids (transformers 5.24). transformers 5.17 builds a
+# different tokenizer from the same GGUF file (word pieces, e.g. "GENERAL" -> 4 ids): every text then gets
+# other token ids, and the reference perplexity of the GPL-3 text goes from 16 to 58. Such a run measures
+# another input, so it stops instead.
+TOKENIZER_PROBE = ("GNU GENERAL PUBLIC LICENSE", [204930, 53642, 43956, 86749])
+
+
 def text_tokens(tok) -> torch.Tensor:
-    """The whole evaluation text as token ids [T] (no BOS)."""
+    """The whole evaluation text as token ids [T] (no BOS). Raises if `tok` is not Gemma 3's tokenizer."""
+    probe, expected = TOKENIZER_PROBE
+    got = tok(probe, add_special_tokens=False).input_ids
+    if got != expected:
+        import transformers
+
+        raise RuntimeError(f"the tokenizer built from the GGUF file (transformers {transformers.__version__}) is not "
+                           f"Gemma 3's: {probe!r} -> {got}, expected {expected}; use a transformers release whose "
+                           "GGUF tokenizer matches (5.24 does, 5.17 does not)")
     ids = tok(TEXT_PATH.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     return torch.tensor(ids, dtype=torch.long)
 
