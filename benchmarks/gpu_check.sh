@@ -69,6 +69,8 @@ ncu() {
 accuracy() {
   # float32: the fake-quant rows, to set beside the CPU run (benchmarks/results/accuracy_cpu_fp32.json);
   # bfloat16: the real adallm model through the CUDA kernels against its own fake-quant.
+  # accuracy.py stops under transformers 5.17 (the GPU image's): its GGUF tokenizer is not Gemma 3's. Carry a
+  # newer transformers wheel (5.24 is right) and put it first on PYTHONPATH.
   for dt in float32 bfloat16; do
     python3 benchmarks/accuracy.py --device cuda --dtype $dt ${ACCURACY_GGUF:+--gguf "$ACCURACY_GGUF"} \
       ${ACCURACY_ARGS:-} --out "$OUT/accuracy_cuda_$dt.json" > "$OUT/accuracy_cuda_$dt.txt" 2>&1
