@@ -270,7 +270,8 @@ def logprobs(model, h: torch.Tensor, head=None) -> torch.Tensor:
 def compare(model, batch: torch.Tensor, h_ref: torch.Tensor, h_cands: dict[str, torch.Tensor],
             window: int, heads: dict | None = None) -> tuple[dict, dict]:
     """Token metrics of each candidate vs the reference over every chunk; returns (reference, {name: metrics}).
-    heads: {name: lm_head module/callable} for candidates whose logits come from their own (quantized) lm_head."""
+    heads: {name: lm_head module/callable, or None for the model's} for candidates whose logits come from their own
+    (quantized) lm_head."""
     heads = heads or {}
     sums = {n: {"kl": 0.0, "kl_in": 0.0, "kl_past": 0.0, "top1": 0, "nll": 0.0} for n in h_cands}
     ref_nll, count, count_in = 0.0, 0, 0
@@ -371,12 +372,10 @@ def run(args) -> dict:
         h, greedy_out[name] = fn()
         note = ""
         if args.device == "cuda":  # GPU time is rationed: score each row now, so a run cut short still logs it
-            m = scored[name] = compare(model, batch, h_ref, {name: h}, window, {name: head} if head else None)[1][name]
+            m = scored[name] = compare(model, batch, h_ref, {name: h}, window, {name: head})[1][name]
             note = f" (KL {m['kl']:.4f}, past window {m['kl_past_window']:.4f}, top-1 {m['top1']:.4f})"
         else:  # scored together at the end: one pass over the reference's logits for all of them
-            h_cands[name] = h
-            if head is not None:
-                heads[name] = head
+            h_cands[name], heads[name] = h, head
         log(f"{name}: {time.time() - t:.0f}s{note}")
 
     def fake(weights, kv, head_weight=None):

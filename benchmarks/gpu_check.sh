@@ -61,7 +61,7 @@ profile() {
 ncu() {
   # Why the missed targets are missed: the M = 1 GEMV and batch-1 decode attention under Nsight Compute (clocks
   # left alone), the kernels that benchmarks/ncu_kernels.py launches.
-  command ncu --clock-control none -k 'regex:nvfp4_gemv|fp8_decode|merge' --launch-count 12 \
+  command ncu --clock-control none -k 'regex:nvfp4_gemv|fp8_decode' --launch-count 12 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_kernels.py > "$OUT/ncu.txt" 2>&1
   note "ncu rc=$?"

