@@ -47,7 +47,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ from torch import nn
 
 import adallm
 from adallm import nvfp4
+from adallm.bench import git_commit
 from adallm.calibration import quantize_layers, self_generated_calibration
 from adallm_ops.reference import fp8_quantize_rows
 
@@ -449,8 +449,7 @@ def run(args) -> dict:
         "greedy": {"prompts": prompt.shape[0], "prompt_len": prompt.shape[1], "new_tokens": args.new_tokens},
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype), "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent).stdout.strip(),
+        "commit": git_commit(),
         "default_method": nvfp4.DEFAULT_METHOD,
         "kv_piece": args.kv_piece, "lm_head_rows": args.lm_head, "calibration": {"seqs": args.calib_seqs, "len": args.calib_len}, "reference": ref, "configs": metrics, "summary": summary(metrics, args.methods),
     }
