@@ -63,8 +63,9 @@ template <int VEC> struct GemvStage {
     uint32_t sa[VEC], sb[VEC];
 };
 
-template <typename T, int MT, int VEC>
-__global__ void __launch_bounds__(kGemvThreads, 2) nvfp4_gemv_kernel(Nvfp4GemvArgs a, int wk_log2, int pair0) {
+// CTAS_PER_SM: the occupancy the register budget is sized for (__launch_bounds__'s minimum blocks per SM).
+template <typename T, int MT, int VEC, int CTAS_PER_SM>
+__global__ void __launch_bounds__(kGemvThreads, CTAS_PER_SM) nvfp4_gemv_kernel(Nvfp4GemvArgs a, int wk_log2, int pair0) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int WK = 1 << wk_log2, WN = kGemvWarps >> wk_log2;
@@ -240,7 +241,7 @@ inline int gemv_wk_log2(int64_t tiles, int num_sms, int steps) {
     return wk_log2;
 }
 
-template <typename T, int MT, int VEC>
+template <typename T, int MT, int VEC, int CTAS_PER_SM>
 cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
     if (static_cast<int64_t>(a.N) * a.K / 2 >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit offsets
     const int64_t tiles = static_cast<int64_t>((a.N + 15) / 16) * pairs;
@@ -251,7 +252,7 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
     constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
     for (int p0 = 0; p0 < pairs; p0 += kMaxGridY) {
         const dim3 grid(grid_x, pairs - p0 < kMaxGridY ? pairs - p0 : kMaxGridY);
-        nvfp4_gemv_kernel<T, MT, VEC><<<grid, kGemvThreads, 0, stream>>>(a, wk_log2, p0);
+        nvfp4_gemv_kernel<T, MT, VEC, CTAS_PER_SM><<<grid, kGemvThreads, 0, stream>>>(a, wk_log2, p0);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
     }
@@ -259,12 +260,18 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
 }
 
 // Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
-// One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane); two
-// m-tiles hold twice the x fragments, so 2 vectors keep the kernel within 128 registers.
+// One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane), 2 CTAs per
+// SM (102 registers); two m-tiles hold twice the x fragments, so 2 vectors keep them within 128 registers.
+// Routed experts (one row per pair) take 2 vectors and 3 CTAs per SM (80 registers, no spills): their CTAs
+// are short (K = 768 or 2048) and each pays its own load latency, so more resident CTAs win. Measured on the
+// H200 (benchmarks/results/linear_notes.md, fifth session): Qwen3-30B-A3B expert gate_up 10.8 -> 9.2 us at
+// one token, expert down 19.9 -> 17.0 us at 4 tokens; the same change slowed Qwen3-8B's dense shapes by up
+// to 12%, so dense layers keep 4 vectors.
 template <typename T>
 cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
-    if (a.M > 8) return launch_gemv_shape<T, 2, 2>(a, pairs, num_sms, stream);
-    return launch_gemv_shape<T, 1, 4>(a, pairs, num_sms, stream);
+    if (a.M > 8) return launch_gemv_shape<T, 2, 2, 2>(a, pairs, num_sms, stream);
+    if (a.expert_ids != nullptr) return launch_gemv_shape<T, 1, 2, 3>(a, pairs, num_sms, stream);
+    return launch_gemv_shape<T, 1, 4, 2>(a, pairs, num_sms, stream);
 }
 
 }  // namespace adallm
