@@ -266,7 +266,7 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
 // are short (K = 768 or 2048) and each pays its own load latency, so more resident CTAs win. Measured on the
 // H200 (benchmarks/results/linear_notes.md, fifth session): Qwen3-30B-A3B expert gate_up 10.8 -> 9.2 us at
 // one token, expert down 19.9 -> 17.0 us at 4 tokens; the same change slowed Qwen3-8B's dense shapes by up
-// to 12%, so dense layers keep 4 vectors.
+// to 17% (k/v), so dense layers keep 4 vectors.
 template <typename T>
 cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
     if (a.M > 8) return launch_gemv_shape<T, 2, 2, 2>(a, pairs, num_sms, stream);
