@@ -263,10 +263,11 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
 // One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane), 2 CTAs per
 // SM (102 registers); two m-tiles hold twice the x fragments, so 2 vectors keep them within 128 registers.
 // Routed experts (one row per pair) take 2 vectors and 3 CTAs per SM (80 registers, no spills): their CTAs
-// are short (K = 768 or 2048) and each pays its own load latency, so more resident CTAs win. Measured on the
-// H200 (benchmarks/results/linear_notes.md, fifth session): Qwen3-30B-A3B expert gate_up 10.8 -> 9.2 us at
-// one token, expert down 19.9 -> 17.0 us at 4 tokens; the same change slowed Qwen3-8B's dense shapes by up
-// to 17% (k/v), so dense layers keep 4 vectors.
+// are short (K = 768 or 2048) and each pays its own load latency, so more resident CTAs win. bench_linear.py on
+// the H200 (benchmarks/results/linear.json against linear_14cb60c.json): Qwen3-30B-A3B expert gate_up 14.2 ->
+// 10.6 us at one token, expert down 20.6 -> 17.5 us at 4 tokens. In a sweep of uncommitted variants the same
+// setting slowed Qwen3-8B's dense shapes by up to 17% (k/v; linear_notes.md, fifth session), so dense layers keep
+// 4 vectors.
 template <typename T>
 cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
     if (a.M > 8) return launch_gemv_shape<T, 2, 2, 2>(a, pairs, num_sms, stream);

@@ -86,8 +86,8 @@ def test_linear_awkward_shapes(n, k, m, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_m1_half_codes_and_wide_x(dtype):
-    """M = 1 (the block-diagonal GEMV): the E2M1 0.5 code, a 16-bit subnormal once decoded, must reach the
-    tensor cores exactly, and x spanning 2^-20..2^12 must survive the GEMV's power-of-two staging."""
+    """M = 1 GEMV: the E2M1 0.5 code, a 16-bit subnormal once decoded, must reach the tensor cores exactly, and x
+    spanning 2^-20..2^12 must come through exactly (a kernel that rescales or converts x must not lose it)."""
     n, k = 64, 4096
     w = torch.full((n, k // 2), 0x91, dtype=torch.uint8, device=DEV)  # elements +0.5 (even k), -0.5 (odd k)
     w[1::2] = 0x19  # odd rows: -0.5, +0.5
