@@ -32,6 +32,7 @@ DENSE = [
     ("qwen3-8b", "qkv", 6144, 4096),
     ("qwen3-8b", "gate_up", 24576, 4096),
     ("qwen3-8b", "down", 4096, 12288),
+    ("qwen3-8b", "lm_head", 151936, 4096),  # quantized with --quantize-lm-head
     ("gemma3-27b", "qkv", 8192, 5376),
     ("gemma3-27b", "o", 5376, 4096),
     ("gemma3-27b", "gate_up", 43008, 5376),
@@ -146,7 +147,9 @@ def main():
     results = []
     dense = DENSE[:3] if args.quick else DENSE
     for model, layer, n, k in dense:
-        for r in bench_dense(n, k, DECODE_M + ([] if args.quick or args.decode else PREFILL_M), l2, args.quick):
+        # generate's prefill computes logits for the last token only: lm_head never sees prefill's M.
+        prefill = [] if args.quick or args.decode or layer == "lm_head" else PREFILL_M
+        for r in bench_dense(n, k, DECODE_M + prefill, l2, args.quick):
             results.append(dict(model=model, layer=layer, n=n, k=k, op="nvfp4_linear", **r))
     for model, layer, n, k in MOE:
         for r in bench_moe(n, k, [1, 4], args.quick):

@@ -14,7 +14,7 @@
 #include <torch/library.h>
 
 #include "check.h"
-#include "nvfp4_gemv.cuh"
+#include "nvfp4_gemv_rows.cuh"
 #include "nvfp4_quant.cuh"
 
 namespace adallm {
@@ -112,7 +112,12 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
     a.M = static_cast<int>(m);
     a.N = static_cast<int>(n);
     a.K = static_cast<int>(k);
-    check_cuda_error(launch_nvfp4_gemv<T>(a, pairs, sm_count(x.get_device()), c10::cuda::getCurrentCUDAStream()), "nvfp4_gemv");
+    const int sms = sm_count(x.get_device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    // M = 1 over many rows: nvfp4_gemv_rows.cuh; every other shape (and MoE): nvfp4_gemv.cuh.
+    cudaError_t err = launch_nvfp4_gemv_rows<T>(a, sms, stream);
+    if (err == cudaErrorNotSupported) err = launch_nvfp4_gemv<T>(a, pairs, sms, stream);
+    check_cuda_error(err, "nvfp4_gemv");
 }
 
 // Dequantizes NVFP4 weights to dtype (for cuBLAS): one [N, K] weight with global scale [], or E experts'

@@ -84,11 +84,45 @@ def test_linear_awkward_shapes(n, k, m, dtype):
     linear_case(n, k, m, dtype, with_bias=True)
 
 
+def rows_kernel_n(extra_blocks=0, extra_rows=0):
+    """An N that nvfp4_linear at M = 1 takes to csrc/nvfp4_gemv_rows.cuh: kRowsMinBlocksPerSm (4) 32-row blocks
+    per SM, plus extra_blocks blocks and extra_rows rows."""
+    return 32 * (4 * torch.cuda.get_device_properties(0).multi_processor_count + extra_blocks) + extra_rows
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_m1_half_codes_and_wide_x(dtype):
+@pytest.mark.parametrize("extra_blocks,extra_rows,k", [(0, 8, 1056), (1, 24, 4128), (0, 0, 8256)])
+def test_linear_rows_kernel_tails(extra_blocks, extra_rows, k, dtype):
+    """The M = 1 rows kernel: N not a multiple of 32 (a last block with rows past N), K ending inside a 256-k warp
+    step (1056), several passes over K with an idle warp in the last (4128: 17 steps on 9 warps x 2 passes), CTAs
+    with one block more than others (extra_blocks = 1), so one whose last block comes a pass early."""
+    linear_case(rows_kernel_n(extra_blocks, extra_rows), k, 1, dtype, with_bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_rows_kernel_x_ranges(dtype):
+    """The rows kernel scales bf16 x per warp and 256-k step: steps of zeros, of tiny and of large values (fp16 x
+    is not scaled; its large values stay within what the fp16 output can hold)."""
+    n, k = rows_kernel_n(extra_rows=8), 4096
+    w, s, g = random_nvfp4(n, k)
+    x = torch.randn(1, k, device=DEV)
+    lo, hi = (-60, 40) if dtype == torch.bfloat16 else (-10, 0)
+    x[:, :256] = 0
+    x[:, 256:512] *= 2.0 ** lo
+    x[:, 512:768] *= 2.0 ** hi
+    x = x.to(dtype)
+    out = torch.ops.adallm.nvfp4_linear(x, w, s, g, None)
+    wd = dequantize_nvfp4(w, s, g).double()
+    check_close(out, x.double() @ wd.t(), F.linear(x, wd.to(dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows_kernel", [False, True])
+def test_linear_m1_half_codes_and_wide_x(dtype, rows_kernel):
     """M = 1 GEMV: the E2M1 0.5 code, a 16-bit subnormal once decoded, must reach the tensor cores exactly, and x
-    spanning 2^-20..2^12 must come through exactly (a kernel that rescales or converts x must not lose it)."""
-    n, k = 64, 4096
+    spanning 2^-20..2^12 must come through exactly (a kernel that rescales or converts x must not lose it). Both
+    M = 1 kernels: csrc/nvfp4_gemv_rows.cuh (many rows) and nvfp4_gemv.cuh (64 rows)."""
+    n, k = rows_kernel_n() if rows_kernel else 64, 4096
     w = torch.full((n, k // 2), 0x91, dtype=torch.uint8, device=DEV)  # elements +0.5 (even k), -0.5 (odd k)
     w[1::2] = 0x19  # odd rows: -0.5, +0.5
     s = torch.ones(n, k // 16, device=DEV).to(torch.float8_e4m3fn)

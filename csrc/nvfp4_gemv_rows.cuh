@@ -1,0 +1,273 @@
+// NVFP4 GEMV for dense layers at M = 1 (batch-1 decode): y[1, N] = x[1, K] @ dequant(W)[N, K]^T (+ bias).
+// Same data and formats as nvfp4_gemv.cuh (read that first). Two changes cut the instructions per weight, which
+// bound that kernel (its issue rate stays near 0.56 per cycle however many warps are resident, linear_notes.md);
+// a third overlaps the loads with the math. The launcher takes it only for layers with many rows (kRowsMinBlocksPerSm).
+//
+// 1. Rows, not K, per warp. nvfp4_gemv.cuh's warps walk along K, so every item brings new x (loads, byte permutes,
+//    zeroing, addressing: ~15% of its loop). Here warp w keeps k-step s = p W + w of pass p (a step = 8 slots =
+//    256 k; lane (g, t) holds slots 8 s + 4 v + t, v = 0, 1) and walks over the CTA's 32-row blocks
+//    (block = blockIdx.x + i gridDim.x, two 16-row MMA tiles h), so x is read and arranged once per pass.
+//    P passes cover K's steps with W <= 16 warps per CTA, one CTA per SM.
+// 2. Block scales on C, not on A. One x row would use one of B's 8 columns; instead B is block-diagonal: column
+//    2t + b holds the x of scale block b (words 2b, 2b + 1) of lane t's slot, zeros elsewhere. The MMA for
+//    (v, wi, J), wi = 0, 1, J = 0..3, takes A = pair J (e_J, e_J+4) of word wi (a0: row g, a1: row g + 8) and
+//    of word 2 + wi (a2, a3), unscaled; B lane (g, t) holds b0 = x pair (J, J + 4) of word wi if g = 2t, and
+//    b1 = the pair of word 2 + wi if g = 2t + 1, else zero. After vector v's 8 MMAs, C[row][2t + b] is block
+//    (t, b)'s unscaled dot product, and the lane that holds it also holds that block's scale: 4 FFMA per
+//    vector instead of an HMUL2 per weight pair.
+// 3. One tile ahead. Tile h of block i + 1 is loaded as soon as tile h of block i is decoded, so a tile's loads
+//    are always in flight during the math, with no extra registers.
+//
+// Exactness. A is the shift-decoded E2M1 (fp4_pairs): e2m1 * 2^-14 in fp16, e2m1 * 2^-126 in bf16 (0.5 is a
+// 16-bit subnormal, which the tensor cores take exactly: tests/test_cuda_linear.py::test_linear_m1_half_codes...).
+// fp16 x enters B as is. bf16 x is multiplied by 2^xs, per warp and pass, so that the largest |x| of the warp's
+// 256 k lies in [2^126, 2^127): the products e2m1 2^-126 x 2^xs are then normal fp32 numbers down to 2^-126 of
+// the largest (smaller ones may flush; they are below the fp32 sum's rounding). The warp's partial sums are
+// multiplied by 2^(134 - xs) (bf16; fp16: 2^22), two normal factors, before they meet the other warps'.
+//
+// Partial sums: per (block, row), each warp's sum of its 4 lanes t goes to its own shared-memory slot
+// (red[i][w][row], added to across passes; no barrier in the loop). After the last pass one barrier, and the CTA
+// adds the W partials of each row in a fixed order (deterministic), scales by the global scale, adds the bias.
+// Rows past N read row N - 1, never stored; slots past K read slot 0 with zero x: no load is guarded.
+#pragma once
+
+#include "nvfp4_gemv.cuh"
+
+#include <type_traits>
+
+namespace adallm {
+
+constexpr int kRowsStepSlots = 8;  // 2 vectors of 4 lanes: 256 k per warp step
+constexpr int kRowsMaxWarps = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(kRowsMaxWarps * 32, 1)
+nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
+    extern __shared__ float red[];  // [blocks_per_cta][W][32 rows]
+    constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int N = a.N, K = a.K;
+    const int slots = K / 32, steps = (slots + kRowsStepSlots - 1) / kRowsStepSlots;
+    const int blocks = (N + 31) / 32;
+    const T* x = static_cast<const T*>(a.x);
+    const uint4* wv = reinterpret_cast<const uint4*>(a.w);
+    const uint16_t* sv = reinterpret_cast<const uint16_t*>(a.ws);
+    const uint64_t policy = l2_evict_first_policy();
+    // B role of this lane: 0 (g = 2t: words 0, 1 of each slot), 1 (g = 2t + 1: words 2, 3), or none.
+    const int role = g == 2 * t ? 0 : g == 2 * t + 1 ? 1 : -1;
+
+    for (int p = 0; p < passes; ++p) {
+        const int step = p * W + w;
+        if (step >= steps) break;  // only in the last pass; no barrier follows inside the loop
+        const int s0 = step * kRowsStepSlots + t;
+        // The lane's two slots in every row (slot 0 past K: its x is zero), as pointers into row 0: a row's
+        // load is then one multiply-add (row * slots on top of these).
+        const uint4* wslot[2];
+        const uint16_t* sslot[2];
+#pragma unroll
+        for (int v = 0; v < 2; ++v) {
+            const int slot = s0 + 4 * v < slots ? s0 + 4 * v : 0;
+            wslot[v] = wv + slot;
+            sslot[v] = sv + slot;
+        }
+
+        // This lane's x: words 2 role + wi of its two slots (8 elements each), zero past K or without a role.
+        uint4 xw[2][2];
+#pragma unroll
+        for (int v = 0; v < 2; ++v)
+#pragma unroll
+            for (int wi = 0; wi < 2; ++wi)
+                xw[v][wi] = role >= 0 && s0 + 4 * v < slots ? ld_x_v4(x + 32 * (s0 + 4 * v) + 8 * (2 * role + wi))
+                                                            : make_uint4(0, 0, 0, 0);
+        // The warp's partials leave scaled by 2^(kPow - xs), two normal floats: kPow undoes the decode's power
+        // (2^-14 or 2^-126) and the scales' 2^-8 (e4m3x2_to_half2_bits), so they meet in the output's range.
+        constexpr int kPow = (kBf16 ? 126 : 14) + 8;
+        int xs = 0;  // bf16: x * 2^xs enters B
+        uint32_t bx[2][2][4];                    // [v][wi][J]: the pair (J, J + 4) of word 2 role + wi
+        if constexpr (kBf16) {
+            uint32_t mx = 0;  // largest |x| of the warp's step, as fp32 bits (ordered like the values)
+#pragma unroll
+            for (int v = 0; v < 2; ++v)
+#pragma unroll
+                for (int wi = 0; wi < 2; ++wi) {
+                    const uint32_t r[4] = {xw[v][wi].x, xw[v][wi].y, xw[v][wi].z, xw[v][wi].w};
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) mx = max(mx, max((r[q] << 16) & 0x7FFFFFFFu, r[q] & 0x7FFF0000u));
+                }
+            mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+            const int e = static_cast<int>(mx >> 23) - 127;  // largest |x| in [2^e, 2^(e+1)) (0: e = -127)
+            // inf / NaN: no scaling, they propagate as in the reference. xs in [-1, 252]: two factors.
+            xs = e == 128 ? 0 : min(126 - e, 252);
+            const float mul0 = __uint_as_float(static_cast<uint32_t>(127 + xs / 2) << 23);
+            const float mul1 = __uint_as_float(static_cast<uint32_t>(127 + xs - xs / 2) << 23);
+#pragma unroll
+            for (int v = 0; v < 2; ++v)
+#pragma unroll
+                for (int wi = 0; wi < 2; ++wi) {
+                    const uint32_t r[4] = {xw[v][wi].x, xw[v][wi].y, xw[v][wi].z, xw[v][wi].w};
+                    float f[8];  // element 2q in the low half of r[q]
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        f[2 * q] = __uint_as_float(r[q] << 16) * mul0 * mul1;
+                        f[2 * q + 1] = __uint_as_float(r[q] & 0xFFFF0000u) * mul0 * mul1;
+                    }
+#pragma unroll
+                    for (int J = 0; J < 4; ++J) {
+                        const __nv_bfloat162 b = __floats2bfloat162_rn(f[J], f[J + 4]);
+                        bx[v][wi][J] = *reinterpret_cast<const uint32_t*>(&b);
+                    }
+                }
+        } else {
+#pragma unroll
+            for (int v = 0; v < 2; ++v)
+#pragma unroll
+                for (int wi = 0; wi < 2; ++wi) {
+                    const uint4 r = xw[v][wi];
+                    bx[v][wi][0] = __byte_perm(r.x, r.z, 0x5410);
+                    bx[v][wi][1] = __byte_perm(r.x, r.z, 0x7632);
+                    bx[v][wi][2] = __byte_perm(r.y, r.w, 0x5410);
+                    bx[v][wi][3] = __byte_perm(r.y, r.w, 0x7632);
+                }
+        }
+        const float unscale0 = __uint_as_float(static_cast<uint32_t>(127 + (kPow - xs) / 2) << 23);
+        const float unscale1 = __uint_as_float(static_cast<uint32_t>(127 + (kPow - xs) - (kPow - xs) / 2) << 23);
+        const uint32_t b0mask = role == 0 ? 0xFFFFFFFFu : 0u, b1mask = role == 1 ? 0xFFFFFFFFu : 0u;
+        uint32_t b0[2][2][4], b1[2][2][4];
+#pragma unroll
+        for (int v = 0; v < 2; ++v)
+#pragma unroll
+            for (int wi = 0; wi < 2; ++wi)
+#pragma unroll
+                for (int J = 0; J < 4; ++J) {
+                    b0[v][wi][J] = bx[v][wi][J] & b0mask;
+                    b1[v][wi][J] = bx[v][wi][J] & b1mask;
+                }
+
+        // The lane's rows of a block: tile h = 0, 1 (rows 16 h ..), r = 0, 1 (rows g, g + 8 of the tile); loaded
+        // one tile ahead (point 3 above). The CTA's last block loads nothing ahead (a uniform branch): wasted loads
+        // of row N - 1 there made the kernel 1.3-1.6x slower than nvfp4_gemv.cuh's at one or two blocks per CTA.
+        uint4 wq[2][2][2];
+        uint32_t sc[2][2][2];
+        auto load_tile = [&](int h, int block) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const uint32_t row = min(32 * block + 16 * h + 8 * r + g, N - 1) * slots;
+#pragma unroll
+                for (int v = 0; v < 2; ++v) {
+                    wq[h][r][v] = ld_stream_v4(wslot[v] + row, policy);
+                    sc[h][r][v] = ld_stream_u16(sslot[v] + row, policy);
+                }
+            }
+        };
+        load_tile(0, blockIdx.x);
+        load_tile(1, blockIdx.x);
+        for (int i = 0; i < blocks_per_cta; ++i) {
+            const int block = blockIdx.x + i * gridDim.x;
+            if (block >= blocks) break;
+            float sum[2][2] = {};  // [h][r]: this lane's slots' scaled sums of rows g, g + 8 of tile h
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                for (int v = 0; v < 2; ++v) {
+                    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                    for (int wi = 0; wi < 2; ++wi) {
+                        uint32_t pa0[4], pb0[4], pa1[4], pb1[4];  // words wi and 2 + wi of rows g, g + 8
+                        fp4_pairs<T>((&wq[h][0][v].x)[wi], pa0);
+                        fp4_pairs<T>((&wq[h][1][v].x)[wi], pb0);
+                        fp4_pairs<T>((&wq[h][0][v].x)[2 + wi], pa1);
+                        fp4_pairs<T>((&wq[h][1][v].x)[2 + wi], pb1);
+#pragma unroll
+                        for (int J = 0; J < 4; ++J) {
+                            const uint32_t af[4] = {pa0[J], pb0[J], pa1[J], pb1[J]};
+                            mma_16816<T>(c, af, b0[v][wi][J], b1[v][wi][J]);
+                        }
+                    }
+                    // C: (row g; blocks (t, 0), (t, 1)), (row g + 8; same). Scales: e4m3 * 2^-8 as fp16, exact.
+                    const uint32_t sA = e4m3x2_to_half2_bits(sc[h][0][v]), sB = e4m3x2_to_half2_bits(sc[h][1][v]);
+                    const float2 fA = __half22float2(*reinterpret_cast<const __half2*>(&sA));
+                    const float2 fB = __half22float2(*reinterpret_cast<const __half2*>(&sB));
+                    sum[h][0] = fmaf(c[1], fA.y, fmaf(c[0], fA.x, sum[h][0]));
+                    sum[h][1] = fmaf(c[3], fB.y, fmaf(c[2], fB.x, sum[h][1]));
+                }
+                if (block + static_cast<int>(gridDim.x) < blocks) load_tile(h, block + gridDim.x);
+            }
+            // The 4 lanes t of row g hold its 4 slots' sums: add them, lane t = 0 keeps the warp's partial.
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float s = sum[h][r];
+                    s += __shfl_xor_sync(0xFFFFFFFFu, s, 1);
+                    s += __shfl_xor_sync(0xFFFFFFFFu, s, 2);
+                    if (t == 0) {
+                        float& out = red[(i * W + w) * 32 + 16 * h + 8 * r + g];
+                        out = (p == 0 ? 0.0f : out) + s * unscale0 * unscale1;
+                    }
+                }
+        }
+    }
+    __syncthreads();
+
+    const float gscale = a.gs[0];
+    const T* bias = static_cast<const T*>(a.bias);
+    T* y = static_cast<T*>(a.y);
+    // Consecutive threads take consecutive rows (contiguous in y).
+    for (int idx = threadIdx.x; idx < blocks_per_cta * 32; idx += blockDim.x) {
+        const int i = idx / 32, row = idx % 32;
+        const int n = 32 * (blockIdx.x + i * gridDim.x) + row;
+        if (n >= N) continue;
+        const float* part = red + i * W * 32 + row;
+        float total = 0.0f;
+        for (int k = 0; k < W; ++k) total += part[32 * k];
+        float out = total * gscale;
+        if (bias != nullptr) out += to_float(bias[n]);
+        y[n] = from_float<T>(out);
+    }
+}
+
+// Launches the rows kernel if it suits the shape, else returns cudaErrorNotSupported (the caller then runs
+// nvfp4_gemv.cuh's kernel): dense (one pair), M = 1, at least kRowsMinBlocksPerSm 32-row blocks per SM, and the
+// partial sums of a CTA within the device's shared memory per CTA.
+//   Passes P = ceil(steps / 16), warps W = ceil(steps / P): every warp has a step in every pass but the last
+//   (K = 4096: 16 steps, P = 1, W = 16;  K = 12288: 48, P = 3, W = 16;  K = 5376: 21, P = 2, W = 11).
+//   Grid = one CTA per SM (the registers allow one 512-thread CTA), ceil(blocks / grid) blocks each.
+// Why a minimum of blocks: a warp stages its x once per pass, which only pays over several blocks, and the
+// loads of a CTA's first block overlap no math. H200, decode sweep against nvfp4_gemv.cuh (linear_notes.md,
+// sixth session): 0.88x the time at Qwen3-8B's gate_up (5.8 blocks per SM), 0.78x at Gemma3-27B's (10.2), but
+// 1.05-1.12x at 1-2 blocks per SM (q/o, qkv, down).
+constexpr int kRowsMinBlocksPerSm = 4;
+
+template <typename T>
+cudaError_t launch_nvfp4_gemv_rows(const Nvfp4GemvArgs& a, int num_sms, cudaStream_t stream) {
+    const int blocks = (a.N + 31) / 32;
+    if (a.expert_ids != nullptr || a.M != 1 || blocks < num_sms * kRowsMinBlocksPerSm) return cudaErrorNotSupported;
+    if (static_cast<int64_t>(a.N) * a.K / 2 >= (int64_t{1} << 31)) return cudaErrorNotSupported;  // 32-bit offsets
+    const int steps = (a.K / 32 + kRowsStepSlots - 1) / kRowsStepSlots;
+    const int passes = (steps + kRowsMaxWarps - 1) / kRowsMaxWarps;
+    const int warps = (steps + passes - 1) / passes;
+    const int grid = blocks < num_sms ? blocks : num_sms;
+    const int blocks_per_cta = (blocks + grid - 1) / grid;
+    const int smem = static_cast<int>(sizeof(float)) * blocks_per_cta * warps * 32;
+    // The opt-in shared-memory limit per CTA (sm_90: 227 KB, sm_89: 99 KB), set for the kernel once per device.
+    constexpr int kMaxDevices = 64;
+    static int smem_optin[kMaxDevices] = {};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    if (device >= kMaxDevices) return cudaErrorNotSupported;
+    if (smem_optin[device] == 0) {
+        int optin = 0;
+        err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (err == cudaSuccess)
+            err = cudaFuncSetAttribute(nvfp4_gemv_rows_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+        if (err != cudaSuccess) return err;
+        smem_optin[device] = optin;
+    }
+    if (smem > smem_optin[device]) return cudaErrorNotSupported;
+    nvfp4_gemv_rows_kernel<T><<<grid, warps * 32, smem, stream>>>(a, passes, blocks_per_cta);
+    return cudaGetLastError();
+}
+
+}  // namespace adallm
