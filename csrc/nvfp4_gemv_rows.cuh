@@ -145,8 +145,8 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
                 }
 
         // The lane's rows of a block: tile h = 0, 1 (rows 16 h ..), r = 0, 1 (rows g, g + 8 of the tile); loaded
-        // one tile ahead (point 3 above). The CTA's last block loads nothing ahead (a uniform branch): wasted loads
-        // of row N - 1 there made the kernel 1.3-1.6x slower than nvfp4_gemv.cuh's at one or two blocks per CTA.
+        // one tile ahead (point 3 above). The CTA's last block loads nothing ahead (a uniform branch): without it, the
+        // wasted loads of row N - 1 made the kernel 1.3-1.6x slower than nvfp4_gemv.cuh's at 1-2 blocks per CTA.
         uint4 wq[2][2][2];
         uint32_t sc[2][2][2];
         auto load_tile = [&](int h, int block) {
@@ -234,9 +234,9 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
 //   (K = 4096: 16 steps, P = 1, W = 16;  K = 12288: 48, P = 3, W = 16;  K = 5376: 21, P = 2, W = 11).
 //   Grid = one CTA per SM (the registers allow one 512-thread CTA), ceil(blocks / grid) blocks each.
 // Why a minimum of blocks: a warp stages its x once per pass, which only pays over several blocks, and the
-// loads of a CTA's first block overlap no math. H200, decode sweep against nvfp4_gemv.cuh (linear_notes.md,
-// sixth session): 0.88x the time at Qwen3-8B's gate_up (5.8 blocks per SM), 0.78x at Gemma3-27B's (10.2), but
-// 1.05-1.12x at 1-2 blocks per SM (q/o, qkv, down).
+// loads of a CTA's first block overlap no math. H200, same-process decode sweep against nvfp4_gemv.cuh
+// (linear_notes.md, sixth session): 0.81x the time at Qwen3-8B's gate_up (5.8 blocks per SM), 0.82x at
+// Gemma3-27B's (10.2), 0.72x at Qwen3-8B's lm_head (36); at 1-2 blocks per SM 0.99-1.06x, no gain.
 constexpr int kRowsMinBlocksPerSm = 4;
 
 template <typename T>
