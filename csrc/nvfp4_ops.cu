@@ -1,8 +1,9 @@
 // CUDA impls of adallm::nvfp4_quantize, adallm::nvfp4_linear and adallm::nvfp4_moe_linear: argument
 // checks (the same as adallm_ops/ops.py, raised as ValueError), dtype dispatch and kernel choice. The
-// kernels themselves (raw pointers, no torch) are in nvfp4_gemv.cuh and nvfp4_quant.cuh.
+// kernels themselves (raw pointers, no torch) are in nvfp4_gemv.cuh, nvfp4_gemv_rows.cuh and nvfp4_quant.cuh.
 //
 // nvfp4_linear picks its kernel by M = rows of x (flattened):
+//   M = 1 and N >= 4 x 32 rows per SM (same conditions) -> the rows GEMV (nvfp4_gemv_rows.cuh)
 //   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh)
 //   otherwise                                       -> dequantize W to x.dtype in row chunks, cuBLAS per chunk
 // Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.
