@@ -241,9 +241,14 @@ inline int gemv_wk_log2(int64_t tiles, int num_sms, int steps) {
     return wk_log2;
 }
 
+// Both GEMV kernels index weights and scales with 32-bit offsets.
+inline bool gemv_offsets_fit_32bit(const Nvfp4GemvArgs& a) {
+    return static_cast<int64_t>(a.N) * a.K / 2 < (int64_t{1} << 31);
+}
+
 template <typename T, int MT, int VEC, int CTAS_PER_SM>
 cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
-    if (static_cast<int64_t>(a.N) * a.K / 2 >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit offsets
+    if (!gemv_offsets_fit_32bit(a)) return cudaErrorInvalidValue;
     const int64_t tiles = static_cast<int64_t>((a.N + 15) / 16) * pairs;
     const int steps = (a.K / 32 + 4 * VEC - 1) / (4 * VEC);
     const int wk_log2 = gemv_wk_log2(tiles, num_sms, steps);

@@ -243,11 +243,11 @@ template <typename T>
 cudaError_t launch_nvfp4_gemv_rows(const Nvfp4GemvArgs& a, int num_sms, cudaStream_t stream) {
     const int blocks = (a.N + 31) / 32;
     if (a.expert_ids != nullptr || a.M != 1 || blocks < num_sms * kRowsMinBlocksPerSm) return cudaErrorNotSupported;
-    if (static_cast<int64_t>(a.N) * a.K / 2 >= (int64_t{1} << 31)) return cudaErrorNotSupported;  // 32-bit offsets
+    if (!gemv_offsets_fit_32bit(a)) return cudaErrorNotSupported;
     const int steps = (a.K / 32 + kRowsStepSlots - 1) / kRowsStepSlots;
     const int passes = (steps + kRowsMaxWarps - 1) / kRowsMaxWarps;
     const int warps = (steps + passes - 1) / passes;
-    const int grid = blocks < num_sms ? blocks : num_sms;
+    const int grid = num_sms;  // blocks >= 4 num_sms: every CTA has a block
     const int blocks_per_cta = (blocks + grid - 1) / grid;
     const int smem = static_cast<int>(sizeof(float)) * blocks_per_cta * warps * 32;
     // The opt-in shared-memory limit per CTA (sm_90: 227 KB, sm_89: 99 KB), set for the kernel once per device.
