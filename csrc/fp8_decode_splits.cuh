@@ -4,7 +4,11 @@
 namespace adallm_fp8 {
 
 constexpr int kMaxDecodeSplits = 64;   // bounds the partial-output workspace and the final merge's work
-constexpr int kMinTokensPerSplit = 128;
+// 256, not 128 or 64: at batch 1 a split's chunk costs a near-fixed ~4.5 us, and below ~256 tokens a second chunk
+// plus the merge cost more than they save. H200, Qwen3-8B heads, batch 1 (attention_notes.md, seventh session):
+// 130-192 tokens 4.4-4.6 us (128: 5.5-6.6, 64: 5.0-5.3), 256: 5.3 (5.5-6.8, 5.0-5.2), 4096: 9.0 (9.5, 10.4); only
+// 1024 tokens lose, 7.3 us (7.1, 6.6).
+constexpr int kMinTokensPerSplit = 256;
 
 // The split count is gridDim.x, so it depends on shapes only (never on cache_seqlens): a CUDA graph
 // captured once stays valid. Each CTA then sizes its own chunk from the row's actual length
@@ -20,9 +24,9 @@ constexpr int kMinTokensPerSplit = 128;
 // Worked example, H100 (132 SMs), Qwen3-8B layer (Hkv = 8, G = 4, D = 128: 3 CTAs per SM, register
 // bound at 139-147 registers, so resident = 396), L = 131072:
 //   batch 1: 396 / 8 = 49 splits -> 392 CTAs; a 131072-token row gets chunks of 2688 tokens,
-//            a 4096-token row chunks of 128 tokens (32 CTAs busy per head, the rest exit at once);
+//            a 4096-token row chunks of 256 tokens (16 CTAs busy per head, the rest exit at once);
 //   batch 8: 396 / 64 = 6 splits -> 384 CTAs;  batch 64: 512 rows > 396 -> 1 split (two waves).
-//   L = 512 (a sliding-window ring buffer), batch 1: min(49, 512 / 128) = 4 splits.
+//   L = 512 (a sliding-window ring buffer), batch 1: min(49, 512 / 256) = 2 splits.
 // Qwen3-30B-A3B (Hkv = 4, G = 8), batch 1: 396 / 4 = 99 -> kMaxDecodeSplits = 64 splits, 256 CTAs.
 inline int decode_num_splits(int batch, int hkv, int length, int resident) {
   const long rows = long(batch) * hkv;
