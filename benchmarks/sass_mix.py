@@ -1,8 +1,8 @@
 """Instruction mix of a kernel's main loop, from the SASS of a build (no GPU needed): the figures "SASS per 4 KB
 item" in benchmarks/results/linear_notes.md come from here.
 
-The loop is the tightest backward branch whose range holds every HMMA of the kernel (the GEMV's item or block
-loop); kernels without HMMA report the whole function. Needs cuobjdump (CUDA toolkit, or the copy that triton
+The loop is the tightest backward branch whose range holds every tensor-core MMA (HMMA, or QMMA for FP8 on
+sm_89) of the kernel (the GEMV's item or block loop); kernels without one report the whole function. Needs cuobjdump (CUDA toolkit, or the copy that triton
 ships in a CUDA build of torch) and an object file compiled for the arch, e.g. after
 `ADALLM_CUDA_ARCHS=9.0 ADALLM_SOURCES=nvfp4_ops.cu TORCH_EXTENSIONS_DIR=/tmp/ext python -m adallm_ops.build`
 (on a machine without a GPU the link fails after the object is written, which is enough):
@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+MMA_OPS = ("HMMA", "QMMA")  # fp16/bf16 and (sm_89) FP8 tensor-core MMAs
 
 
 def cuobjdump() -> str:
@@ -46,7 +47,7 @@ def functions(sass: str) -> dict[str, list[tuple[int, str, str]]]:
 
 
 def main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
-    mma = [a for a, op, _ in ins if op.startswith("HMMA")]
+    mma = [a for a, op, _ in ins if op.startswith(MMA_OPS)]
     if not mma:
         return ins
     loops = []
@@ -75,7 +76,7 @@ def main() -> None:
         loop = main_loop(ins)
         mix = collections.Counter(op.split(".")[0] for _, op, _ in loop)
         print(f"{name}\n  {len(ins)} instructions, main loop {len(loop)} "
-              f"({sum(op.startswith('HMMA') for _, op, _ in loop)} HMMA)")
+              f"({sum(op.startswith(MMA_OPS) for _, op, _ in loop)} MMA)")
         print("  " + ", ".join(f"{op} {n}" for op, n in mix.most_common()))
 
 
