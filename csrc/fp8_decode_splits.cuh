@@ -5,9 +5,9 @@ namespace adallm_fp8 {
 
 constexpr int kMaxDecodeSplits = 64;   // bounds the partial-output workspace and the final merge's work
 // 256, not 128 or 64: at batch 1 a split's chunk costs a near-fixed ~4.5 us, and below ~256 tokens a second chunk
-// plus the merge cost more than they save. H200, Qwen3-8B heads, batch 1 (attention_notes.md, seventh session):
-// 130-192 tokens 4.4-4.6 us (128: 5.5-6.6, 64: 5.0-5.3), 256: 5.3 (5.5-6.8, 5.0-5.2), 4096: 9.0 (9.5, 10.4); only
-// 1024 tokens lose, 7.3 us (7.1, 6.6).
+// plus the merge cost more than they save. H200, Qwen3-8B heads, batch 1, us per call with 256 (with 128; with 64)
+// (attention_notes.md, seventh session): 130-192 tokens 4.4-4.6 (5.5-6.6; 5.0-5.3), 256 tokens 5.3 (5.5-6.8;
+// 5.0-5.2), 1024 tokens 7.3 (7.1; 6.6), 4096 tokens 9.0 (9.5; 10.4).
 constexpr int kMinTokensPerSplit = 256;
 
 // The split count is gridDim.x, so it depends on shapes only (never on cache_seqlens): a CUDA graph
