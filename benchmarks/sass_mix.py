@@ -2,8 +2,9 @@
 item" in benchmarks/results/linear_notes.md come from here.
 
 The loop is the tightest backward branch whose range holds every tensor-core MMA (HMMA, or QMMA for FP8 on
-sm_89) of the kernel (the GEMV's item or block loop); kernels without one report the whole function. Needs cuobjdump (CUDA toolkit, or the copy that triton
-ships in a CUDA build of torch) and an object file compiled for the arch, e.g. after
+sm_89) of the kernel (the GEMV's item or block loop); kernels without one report the whole function. Needs
+cuobjdump (CUDA toolkit, or the copy that triton ships in a CUDA build of torch) and an object file compiled for
+the arch, e.g. after
 `ADALLM_CUDA_ARCHS=9.0 ADALLM_SOURCES=nvfp4_ops.cu TORCH_EXTENSIONS_DIR=/tmp/ext python -m adallm_ops.build`
 (on a machine without a GPU the link fails after the object is written, which is enough):
 
