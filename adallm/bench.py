@@ -79,13 +79,15 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     return 2 * a.numel() * a.element_size() / best
 
 
-def git_commit() -> str:
-    """The commit measured: $GIT_COMMIT (set where the tree was copied without its .git), else git's."""
+def git_commit(repo: str = os.path.dirname(__file__)) -> str:
+    """The commit measured: $GIT_COMMIT (set where the tree was copied without its .git), else git's, with
+    "-dirty" appended when tracked files differ from it (uncommitted edits, or a tree copied over an older .git:
+    the label must not name a commit whose code did not run)."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, cwd=repo).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 

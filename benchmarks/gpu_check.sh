@@ -16,7 +16,8 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
 export ADALLM_EXTRA_CUDA_CFLAGS="-Xptxas -v"
 # The image has no network and no build backend to spare: import the checkout directly.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # the device copy may have no .git
+# The device copy may have no .git, or an older one under newer files: "-dirty" then says the hash is not the code.
+commit=${GIT_COMMIT:-$(git describe --always --dirty --abbrev=40 2>/dev/null || echo unknown)}
 export GIT_COMMIT=$commit
 summary=$OUT/summary.txt
 echo "commit $commit  $(date -u)" | tee "$summary"

@@ -1,6 +1,7 @@
 """`adallm bench` on CPU: the timing functions are stubbed (they need CUDA), everything else runs for real on tiny
 random models: the flag plumbing of --quantize-lm-head, the recorded field and row label, and the weight-bytes floor."""
 import json
+import subprocess
 
 import pytest
 import torch
@@ -65,3 +66,24 @@ def test_bench_help_documents_quantize_lm_head(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     assert "--quantize-lm-head" in capsys.readouterr().out
+
+
+def test_git_commit_marks_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):
+    """Result files name the commit measured. A tree whose tracked files differ from it (uncommitted edits, or files
+    copied over an older .git, as on the GPU machine) must say so instead of naming code that did not run."""
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert bench.git_commit(str(tmp_path)) == head
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert bench.git_commit(str(tmp_path)) == head + "-dirty"
+    monkeypatch.setenv("GIT_COMMIT", "given")
+    assert bench.git_commit(str(tmp_path)) == "given"
