@@ -233,10 +233,14 @@ __global__ void __launch_bounds__(kGemvThreads, CTAS_PER_SM) nvfp4_gemv_kernel(N
 // WK = 1 or 2 (long K ranges per warp) was slower everywhere. 132 SMs:
 //   4096 x 4096 (q/o): 256 tiles of 16 rows -> 128 CTAs at WK = 4 < 132 -> WK = 8, 256 CTAs
 //   6144 x 4096 (qkv): 384 tiles -> WK = 4, 192 CTAs;  24576 x 4096 (gate_up): WK = 4, 768 CTAs
+// Long K at M <= 8 (long_k: K >= 8192, one m-tile) takes WK = 8 even with enough CTAs for WK = 4. H200, all
+// four WK of each decode shape in one process (linear_notes.md, eighth session): Gemma3-27B's down (5376 x 21504)
+// 38.7 -> 34.6 us at M = 1, 39.3 -> 36.0 at M = 4; at M = 16 WK = 8 was 3% slower, and at K <= 5376 WK = 4 stays
+// best (Gemma3-27B's qkv 13.8 vs 16.0 us at WK = 8).
 // Capped so that every warp has a step of K (steps = K / (32 * 4 VEC)): Qwen3-30B-A3B's expert down
 // (K = 768, 2 steps at VEC = 4) gets WK = 2, 64 rows per CTA, instead of half its warps idle and twice the CTAs.
-inline int gemv_wk_log2(int64_t tiles, int num_sms, int steps) {
-    int wk_log2 = tiles * 4 / kGemvWarps >= num_sms ? 2 : 3;
+inline int gemv_wk_log2(int64_t tiles, int num_sms, int steps, bool long_k) {
+    int wk_log2 = tiles * 4 / kGemvWarps >= num_sms && !long_k ? 2 : 3;
     while (wk_log2 > 0 && (1 << wk_log2) > steps) --wk_log2;
     return wk_log2;
 }
@@ -251,7 +255,7 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
     if (!gemv_offsets_fit_32bit(a)) return cudaErrorInvalidValue;
     const int64_t tiles = static_cast<int64_t>((a.N + 15) / 16) * pairs;
     const int steps = (a.K / 32 + 4 * VEC - 1) / (4 * VEC);
-    const int wk_log2 = gemv_wk_log2(tiles, num_sms, steps);
+    const int wk_log2 = gemv_wk_log2(tiles, num_sms, steps, MT == 1 && a.K >= 8192);
     const int rows_cta = (kGemvWarps >> wk_log2) * 16;
     const int grid_x = (a.N + rows_cta - 1) / rows_cta;
     constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
