@@ -7,7 +7,6 @@
 #   bash benchmarks/ab.sh PATCH ROUNDS COMMAND...
 #   bash benchmarks/ab.sh benchmarks/results/pdl_candidate.diff 2 \
 #       python3 benchmarks/e2e.py qwen3-8b --no-baseline --batches 1 --quantize-lm-head
-# A `timeout` around this script stops the script, not the COMMAND it is running: put the timeout inside COMMAND.
 # COMMAND sees VARIANT=a or b. The candidate's tree stays in $AB_DIR/b (default /tmp/adallm_ab) for its tests:
 #   (cd /tmp/adallm_ab/b && TORCH_EXTENSIONS_DIR=/tmp/adallm_ab/ext_b bash benchmarks/gpu_check.sh tests sanitize)
 set -euo pipefail
