@@ -60,9 +60,9 @@ profile() {
   done
 }
 ncu() {
-  # Why the missed targets are missed: the M = 1 GEMV and batch-1 decode attention under Nsight Compute (clocks
-  # left alone), the kernels that benchmarks/ncu_kernels.py launches.
-  command ncu --clock-control none -k 'regex:nvfp4_gemv|fp8_decode' --launch-count 12 \
+  # Why the missed targets are missed: the M = 1 and M = 16 GEMVs and batch-1 decode attention under Nsight Compute
+  # (clocks left alone), the 16 launches that benchmarks/ncu_kernels.py makes.
+  command ncu --clock-control none -k 'regex:nvfp4_gemv|fp8_decode' --launch-count 16 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_kernels.py > "$OUT/ncu.txt" 2>&1
   note "ncu rc=$?"

@@ -1,6 +1,6 @@
 """The kernels whose targets are missed, run a few times each for Nsight Compute (benchmarks/gpu_check.sh, stage
-`ncu`): the M = 1 NVFP4 GEMV on Qwen3-8B's gate_up (24576 x 4096) and down (4096 x 12288), and FP8 decode attention
-at batch 1 with 4k and 32k tokens (Qwen3-8B: 32 query heads, 8 KV heads, D = 128). Inputs are random. ncu
+`ncu`): the M = 1 NVFP4 GEMV on Qwen3-8B's gate_up (24576 x 4096) and down (4096 x 12288), the M = 16 one (batch
+16) on gate_up, and FP8 decode attention at batch 1 with 4k and 32k tokens (Qwen3-8B: 32 query heads, 8 KV heads, D = 128). Inputs are random. ncu
 flushes the caches before each profiled launch (its default --cache-control all), so the profile sees DRAM, as a
 decode step does.
 
@@ -11,8 +11,8 @@ import torch
 import adallm_ops  # noqa: F401  (registers the ops, builds/loads the CUDA kernels)
 
 
-def gemv(n: int, k: int, copies: int = 4) -> None:
-    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+def gemv(n: int, k: int, m: int = 1, copies: int = 4) -> None:
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     ws = [(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
            torch.rand(n, k // 16, device="cuda").to(torch.float8_e4m3fn), torch.ones((), device="cuda"))
           for _ in range(copies)]
@@ -35,6 +35,7 @@ def attention(ctx: int, copies: int = 2) -> None:
 if __name__ == "__main__":
     gemv(24576, 4096)
     gemv(4096, 12288)
+    gemv(24576, 4096, m=16)
     attention(4096)
     attention(32768)
     torch.cuda.synchronize()
