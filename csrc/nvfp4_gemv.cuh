@@ -270,7 +270,9 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
 
 // Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
 // One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane), 2 CTAs per
-// SM (102 registers); two m-tiles hold twice the x fragments, so 2 vectors keep them within 128 registers.
+// SM (105 registers on sm_90, bf16). Two m-tiles (M > 8) take 2 vectors (116 registers), chosen when 4 did not
+// fit in 128; today's code fits 4 in 126 (sm_90, no spills), not yet measured: at M = 16 this kernel runs at
+// ~27% of copy bandwidth, and twice the bytes in flight may be the cure (linear_notes.md, eighth session).
 // Routed experts (one row per pair) take 2 vectors and 3 CTAs per SM (80 registers, no spills): their CTAs
 // are short (K = 768 or 2048) and each pays its own load latency, so more resident CTAs win. bench_linear.py on
 // the H200 (benchmarks/results/linear.json against linear_14cb60c.json): Qwen3-30B-A3B expert gate_up 14.2 ->
