@@ -1,8 +1,8 @@
 """The kernels whose targets are missed, run a few times each for Nsight Compute (benchmarks/gpu_check.sh, stage
 `ncu`): the M = 1 NVFP4 GEMV on Qwen3-8B's gate_up (24576 x 4096) and down (4096 x 12288), the M = 16 one (batch
-16) on gate_up, and FP8 decode attention at batch 1 with 4k and 32k tokens (Qwen3-8B: 32 query heads, 8 KV heads, D = 128). Inputs are random. ncu
-flushes the caches before each profiled launch (its default --cache-control all), so the profile sees DRAM, as a
-decode step does.
+16) on gate_up, and FP8 decode attention at batch 1 with 4k and 32k tokens (Qwen3-8B: 32 query heads, 8 KV heads,
+D = 128). Inputs are random. ncu flushes the caches before each profiled launch (its default --cache-control all), so
+the profile sees DRAM, as a decode step does.
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats ... python3 benchmarks/ncu_kernels.py
 """
