@@ -1,5 +1,5 @@
 // ADALLM_CHECK(cond, parts...): argument checks that raise a Python ValueError with a message built
-// from strings, integers, floats, dtypes, shapes and devices.
+// from strings, integers, floats, dtypes, shapes and devices; check_launch: a kernel launch's error.
 //
 // Why not TORCH_CHECK's own formatting: it streams every argument through std::ostringstream inside
 // this extension, and on the GPU image (torch 2.11, CUDA 13) the JIT-built .so carries a private
@@ -12,6 +12,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
 
 #include <string>
 #include <type_traits>
@@ -38,3 +39,12 @@ inline std::string cat(const Parts&... parts) { return (std::string() + ... + to
 #define ADALLM_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, ::adallm::cat(__VA_ARGS__))
 // Same, raised as RuntimeError (failures that are not the caller's arguments, e.g. a kernel launch).
 #define ADALLM_CHECK_RUNTIME(cond, ...) TORCH_CHECK(cond, ::adallm::cat(__VA_ARGS__))
+
+namespace adallm {
+
+// A kernel launcher's cudaError_t (cudaGetLastError after the launch), raised as RuntimeError naming the kernel.
+inline void check_launch(cudaError_t err, const char* kernel) {
+  ADALLM_CHECK_RUNTIME(err == cudaSuccess, "adallm: ", kernel, " kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace adallm

@@ -45,10 +45,6 @@ int decode_ctas_per_sm(int device, int head_dim, int group) {
   return ctas;
 }
 
-void check_cuda_ok(cudaError_t err, const char* op) {
-  ADALLM_CHECK_RUNTIME(err == cudaSuccess, "adallm: ", op, " kernel launch failed: ", cudaGetErrorString(err));
-}
-
 void check_kv_cache(const at::Tensor& cache, const at::Tensor& scale, const char* name) {
   ADALLM_CHECK(cache.scalar_type() == at::kFloat8_e4m3fn, "adallm: ", name,
                     "_cache must be float8_e4m3fn, got ", cache.scalar_type());
@@ -128,7 +124,7 @@ void fp8_kv_write_cuda(const at::Tensor& k_in, const at::Tensor& v_in, const at:
   const cudaError_t err = k.scalar_type() == at::kBFloat16
                               ? adallm_fp8::launch_fp8_kv_write<__nv_bfloat16>(p, int(d), stream)
                               : adallm_fp8::launch_fp8_kv_write<__half>(p, int(d), stream);
-  check_cuda_ok(err, "fp8_kv_write");
+  adallm::check_launch(err, "fp8_kv_write");
 }
 
 at::Tensor fp8_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -195,8 +191,8 @@ at::Tensor fp8_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_ca
   p.q_scale = float(softcap > 0 ? sm_scale / softcap : sm_scale * log2e);
   p.softcap_log2 = float(softcap > 0 ? softcap * log2e : 0.0);
   p.bf16 = q.scalar_type() == at::kBFloat16;
-  check_cuda_ok(adallm_fp8::launch_fp8_decode_attention(p, int(d), at::cuda::getCurrentCUDAStream()),
-                "fp8_decode_attention");
+  adallm::check_launch(adallm_fp8::launch_fp8_decode_attention(p, int(d), at::cuda::getCurrentCUDAStream()),
+                       "fp8_decode_attention");
   return out;
 }
 

@@ -33,10 +33,6 @@ constexpr int64_t kGroupedPairsPerExpert = 8;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-void check_cuda_error(cudaError_t err, const char* what) {
-    ADALLM_CHECK_RUNTIME(err == cudaSuccess, "adallm: ", what, " failed to launch: ", cudaGetErrorString(err));
-}
-
 // Same checks and messages as ops.check_nvfp4_weight. Returns (N, K).
 std::pair<int64_t, int64_t> check_nvfp4_weight(const at::Tensor& weight, const at::Tensor& weight_scale,
                                                const at::Tensor& global_scale, bool experts) {
@@ -118,7 +114,7 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
     // M = 1 over many rows: nvfp4_gemv_rows.cuh; every other shape (and MoE): nvfp4_gemv.cuh.
     cudaError_t err = launch_nvfp4_gemv_rows<T>(a, sms, stream);
     if (err == cudaErrorNotSupported) err = launch_nvfp4_gemv<T>(a, pairs, sms, stream);
-    check_cuda_error(err, "nvfp4_gemv");
+    check_launch(err, "nvfp4_gemv");
 }
 
 // Dequantizes NVFP4 weights to dtype (for cuBLAS): one [N, K] weight with global scale [], or E experts'
@@ -139,7 +135,7 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& weight_scale, 
                                               per_expert, stream)
             : launch_nvfp4_dequantize<__nv_bfloat16>(w, ws, gs, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                                                      blocks, per_expert, stream);
-    check_cuda_error(err, "nvfp4_dequantize");
+    check_launch(err, "nvfp4_dequantize");
     return out;
 }
 
@@ -318,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> nvfp4_quantize_cuda(const at::Tensor& x, cons
             err = launch_nvfp4_quantize<__nv_bfloat16>(reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), gs, wp,
                                                        sp, blocks, stream);
     }
-    check_cuda_error(err, "nvfp4_quantize");
+    check_launch(err, "nvfp4_quantize");
     return {w, ws};
 }
 
