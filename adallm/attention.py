@@ -7,8 +7,9 @@ rotary embedding and masks are kept). Submodules / buffers (names are the checkp
     q_norm, k_norm   the model's own RMSNorms over head_dim (moved from the HF module)
 
 Paths, by the cache the decoder layer hands in:
-  - Fp8KVCache, one new token per row (decode): write K/V with fp8_kv_write, attend with
-    fp8_decode_attention (valid range per row from cache_seqlens / cache_start: no mask, no host sync).
+  - Fp8KVCache, one new token per row (decode): q/k norms, RoPE and the K/V write in one op
+    (qk_norm_rope_kv_write, straight from the fused projection's output), then fp8_decode_attention (valid
+    range per row from cache_seqlens / cache_start: no mask, no host sync).
   - Fp8KVCache, S > 1 new tokens (prefill, or a chat continuation over a cached prefix): PyTorch SDPA over
     [dequantized cached prefix ; the new K/V in their own precision], with the mask transformers built
     (causal, sliding window, left padding); then the new K/V are written to the cache.
@@ -33,12 +34,13 @@ class NVFP4Attention(nn.Module):
     scaling: the softmax scale (Qwen3: head_dim**-0.5, Gemma3: query_pre_attn_scalar**-0.5);
     sliding_window: the window of a sliding layer, None for a full-attention one; apply_rotary: the
     family's apply_rotary_pos_emb(q, k, cos, sin); eager_attention: the family's eager attention function
-    (used only on the transformers path when the model runs attn_implementation="eager").
+    (used only on the transformers path when the model runs attn_implementation="eager");
+    norm_weight_offset: the q/k norms multiply by weight + offset (Gemma3: 1), for the fused decode op.
     """
 
     def __init__(self, config, layer_idx: int, qkv_proj: nn.Module, o_proj: nn.Module, q_norm: nn.Module,
                  k_norm: nn.Module, *, head_dim: int, scaling: float, sliding_window: int | None,
-                 apply_rotary: Callable, eager_attention: Callable) -> None:
+                 apply_rotary: Callable, eager_attention: Callable, norm_weight_offset: float = 0.0) -> None:
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.qkv_proj, self.o_proj, self.q_norm, self.k_norm = qkv_proj, o_proj, q_norm, k_norm
@@ -49,13 +51,23 @@ class NVFP4Attention(nn.Module):
         self.scaling, self.sliding_window = scaling, sliding_window
         self.is_causal = True
         self.apply_rotary, self.eager_attention = apply_rotary, eager_attention
+        self.norm_weight_offset = norm_weight_offset
+        eps = {getattr(n, "variance_epsilon", getattr(n, "eps", None)) for n in (q_norm, k_norm)}
+        if len(eps) != 1 or None in eps:
+            raise ValueError(f"adallm: q_norm/k_norm must be RMSNorms with one epsilon (variance_epsilon or eps), "
+                             f"got {type(q_norm).__name__}, {type(k_norm).__name__}")
+        self.norm_eps = float(eps.pop())
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None,
                 **kwargs) -> tuple[torch.Tensor, None]:
         cache = cache if cache is not None else past_key_values  # renamed `cache` in transformers 5.2x
         b, s, _ = hidden_states.shape
-        q, k, v = self.qkv_proj.split_outputs(self.qkv_proj(hidden_states))
+        qkv = self.qkv_proj(hidden_states)
+        if isinstance(cache, Fp8KVCache) and s == 1:
+            out = self._decode(qkv.view(b, -1), position_embeddings, cache.layers[self.layer_idx])
+            return self.o_proj(out.view(b, 1, -1)), None
+        q, k, v = self.qkv_proj.split_outputs(qkv)
         q = self.q_norm(q.view(b, s, -1, self.head_dim)).transpose(1, 2)  # [B, Hq, S, D]
         k = self.k_norm(k.view(b, s, -1, self.head_dim)).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
@@ -63,20 +75,27 @@ class NVFP4Attention(nn.Module):
         q, k = self.apply_rotary(q, k, cos, sin)
 
         if isinstance(cache, Fp8KVCache):
-            layer = cache.layers[self.layer_idx]
-            out = self._decode(q, k, v, layer) if s == 1 else self._prefill(q, k, v, attention_mask, layer)
+            out = self._prefill(q, k, v, attention_mask, cache.layers[self.layer_idx])
         else:
             out = self._transformers_attention(q, k, v, attention_mask, cache, kwargs)
         return self.o_proj(out.reshape(b, s, -1)), None
 
-    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Fp8CacheLayer) -> torch.Tensor:
-        """q [B,Hq,1,D], k/v [B,Hkv,1,D] -> [B,1,Hq,D]. Device tensors only (CUDA-graph safe)."""
-        seqlens = layer.append_token(k, v)
-        out = torch.ops.adallm.fp8_decode_attention(
-            q[:, :, 0].contiguous(), layer.keys, layer.values, layer.key_scale, layer.value_scale, seqlens,
-            layer.start, self.scaling, self.sliding_window or 0,
+    def _decode(self, qkv: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                layer: Fp8CacheLayer) -> torch.Tensor:
+        """qkv [B, (Hq+2Hkv)*D] (the projection of one new token per row) -> [B,Hq,D]. Device tensors only
+        (CUDA-graph safe)."""
+        b, d = qkv.shape[0], self.head_dim
+        if not layer.is_initialized:
+            kv = qkv.view(b, -1, 1, d)[:, self.num_heads:]  # [B, 2 Hkv, 1, D]: the cache takes shapes from it
+            layer.lazy_initialization(kv[:, :self.num_key_value_heads], kv[:, self.num_key_value_heads:])
+        cos, sin = (t.reshape(t.shape[0], d) for t in position_embeddings)  # [B or 1, 1, D] -> [B or 1, D]
+        q = torch.ops.adallm.qk_norm_rope_kv_write(
+            qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, layer.keys, layer.values, layer.key_scale,
+            layer.value_scale, layer.next_position(), self.norm_eps, self.norm_weight_offset)
+        return torch.ops.adallm.fp8_decode_attention(
+            q, layer.keys, layer.values, layer.key_scale, layer.value_scale, layer.advance(), layer.start,
+            self.scaling, self.sliding_window or 0,
             0.0)  # softcap: transformers' Gemma3 never applies attn_logit_softcapping, so neither do we
-        return out.unsqueeze(1)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                  layer: Fp8CacheLayer) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The FP8 (e4m3) KV cache: a transformers `Cache` with static per-layer buffers, written by
-`adallm::fp8_kv_write` and read by `adallm::fp8_decode_attention` (AdaLLM's attention module does both).
+`adallm::fp8_kv_write` (prefill) and `adallm::qk_norm_rope_kv_write` (decode) and read by
+`adallm::fp8_decode_attention` (AdaLLM's attention module does all three).
 
 Per layer (layout of adallm_ops/ops.py):
     keys, values             float8_e4m3fn [B, Hkv, L, D]   absolute position p lives in slot p % L
@@ -111,20 +112,20 @@ class Fp8CacheLayer(CacheLayerMixin):
         self.length.add_(s)
         self._host_length = seen + s
 
-    def append_token(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
-        """Decode: stores one token per row [B,Hkv,1,D] at position `length`, with no host sync.
-
-        Returns cache_seqlens int32 [B] (tokens written, this one included) for fp8_decode_attention.
-        """
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def next_position(self) -> torch.Tensor:
+        """Decode: where the new token of every row goes, int64 [1] on the device (no host sync). The caller
+        writes it there (qk_norm_rope_kv_write) and then calls advance()."""
         if torch.compiler.is_compiling():
             self._host_length = None  # the device `length` is the truth now; re-read it when a host needs it
         else:
             self._check_capacity(self.host_length() + 1)
+        return self.length.view(1)
+
+    def advance(self) -> torch.Tensor:
+        """Decode: counts the token written at next_position(); returns cache_seqlens int32 [B] (tokens
+        written, this one included) for fp8_decode_attention."""
+        if self._host_length is not None:
             self._host_length += 1
-        torch.ops.adallm.fp8_kv_write(key_states.contiguous(), value_states.contiguous(), self.keys, self.values,
-                                      self.key_scale, self.value_scale, self.length.view(1))
         self.length.add_(1)
         return self.length.to(torch.int32).expand(self.batch_size).contiguous()
 

@@ -1,13 +1,14 @@
 """`adallm.patch`: turn a transformers Qwen3 / Qwen3-MoE / Gemma3 model into an NVFP4 + FP8-KV-cache model in place.
 
 Every decoder layer keeps its transformers class, norms and rotary embedding; its `self_attn` becomes an
-NVFP4Attention and its MLP an NVFP4MLP (MoE layers: `mlp.experts` becomes NVFP4Experts, the router stays).
+NVFP4Attention and its MLP an NVFP4MLP (MoE layers: `mlp.experts` becomes NVFP4Experts; the router keeps its BF16
+weight and runs as the family's `moe_router` class).
 Module names after patching (what checkpoint code reads and writes), per decoder layer:
     self_attn.qkv_proj   NVFP4Linear(parts=("q_proj", "k_proj", "v_proj"))
     self_attn.o_proj     NVFP4Linear
     self_attn.q_norm / k_norm            unchanged (BF16)
     mlp.gate_up_proj     NVFP4Linear(parts=("gate_proj", "up_proj")),  mlp.down_proj  NVFP4Linear
-    MoE: mlp.gate (router, unchanged), mlp.experts  NVFP4Experts (buffers in adallm/mlp.py)
+    MoE: mlp.gate (router, BF16 weight unchanged), mlp.experts  NVFP4Experts (buffers in adallm/mlp.py)
 and `lm_head` becomes an NVFP4Linear when quantize_lm_head=True. Embeddings and norms stay as they are: where
 the config ties lm_head to the input embedding (Gemma3), the NVFP4 lm_head is a new module quantized from the
 shared matrix, the embedding keeps its exact weights, and lm_head is taken out of transformers' tie map.
@@ -82,7 +83,7 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
 
     def patch_layer(layer: nn.Module, hessians: dict[str, torch.Tensor] | None = None) -> None:
         layer.self_attn = _attention(layer.self_attn, family, quantize, method, hessians)
-        _patch_mlp(layer, quantize, method, hessians)
+        _patch_mlp(layer, family, quantize, method, hessians)
 
     with torch.no_grad():
         if calibration is None:
@@ -140,10 +141,12 @@ def _attention(hf_attn: nn.Module, family: Family, quantize: bool, method: str,
     # scaling and sliding_window are read from the HF module, so they follow its family's rules exactly.
     return NVFP4Attention(hf_attn.config, hf_attn.layer_idx, qkv, o, hf_attn.q_norm, hf_attn.k_norm,
                           head_dim=hf_attn.head_dim, scaling=hf_attn.scaling, sliding_window=hf_attn.sliding_window,
-                          apply_rotary=family.apply_rotary, eager_attention=family.eager_attention)
+                          apply_rotary=family.apply_rotary, eager_attention=family.eager_attention,
+                          norm_weight_offset=family.norm_weight_offset)
 
 
-def _patch_mlp(layer: nn.Module, quantize: bool, method: str, hessians: dict[str, torch.Tensor] | None) -> None:
+def _patch_mlp(layer: nn.Module, family: Family, quantize: bool, method: str,
+               hessians: dict[str, torch.Tensor] | None) -> None:
     mlp, h = layer.mlp, hessians or {}
     if hasattr(mlp, "experts") and hasattr(mlp, "gate"):  # MoE block: swap the experts, keep block and router
         ex = mlp.experts
@@ -153,6 +156,8 @@ def _patch_mlp(layer: nn.Module, quantize: bool, method: str, hessians: dict[str
         else:
             e, two_i, h = ex.gate_up_proj.shape
             mlp.experts = NVFP4Experts(e, h, two_i // 2, ex.act_fn, device=ex.gate_up_proj.device)
+        if family.moe_router is not None:
+            mlp.gate.__class__ = family.moe_router  # a subclass adding no state: the router keeps its weight
     elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         layer.mlp = NVFP4MLP(_linear([mlp.gate_proj, mlp.up_proj], ("gate_proj", "up_proj"), quantize, method,
                                      h.get("mlp.gate_proj")),

@@ -39,6 +39,12 @@ _defs = {
         "fp8_kv_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, "
         "Tensor(d!) v_scale, Tensor positions) -> ()"
     ),
+    "qk_norm_rope_kv_write": (
+        "qk_norm_rope_kv_write(Tensor qkv, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos, Tensor sin, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, Tensor(d!) v_scale, Tensor position, "
+        "float eps, float weight_offset) -> Tensor"
+    ),
+    "moe_router_topk": "moe_router_topk(Tensor x, Tensor weight, int top_k, bool renormalize) -> (Tensor, Tensor, Tensor)",
     "fp8_decode_attention": (
         "fp8_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
         "Tensor cache_seqlens, Tensor cache_start, float sm_scale, int sliding_window, float softcap) -> Tensor"
@@ -173,6 +179,35 @@ def _(x, weight, weight_scale, weight_global_scale, expert_ids):
     return x.new_empty((t, topk, n))
 
 
+def moe_router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int,
+                    renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A mixture-of-experts router (Qwen3-MoE's): which top_k experts each token goes to, with what weight.
+
+    x: bf16/fp16 [T, H]; weight: x.dtype [E, H]. logits = x @ weight.T (fp32 sums, rounded to x.dtype);
+    p = softmax(logits) in fp32; ids = the top_k experts by logit, largest first (equal logits: the lower expert
+    first); w = p[ids], divided by its sum when renormalize. Returns (logits x.dtype [T, E], w x.dtype [T, top_k],
+    ids int64 [T, top_k]), what transformers' Qwen3MoeTopKRouter returns.
+    """
+    return torch.ops.adallm.moe_router_topk(x, weight, top_k, renormalize)
+
+
+def check_router_args(x, weight, top_k) -> None:
+    _require(x.dtype in (torch.bfloat16, torch.float16), f"x must be bfloat16 or float16, got {x.dtype}")
+    _require(weight.dtype == x.dtype, f"the router weight must be {x.dtype} like x, got {weight.dtype}")
+    _require(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+             f"x must be [T, H] and the router weight [E, H], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    _require(x.is_contiguous() and weight.is_contiguous(), "x and the router weight must be contiguous")
+    _require(1 <= top_k <= weight.shape[0], f"top_k = {top_k} must be in [1, E = {weight.shape[0]}]")
+    _require(x.device == weight.device, "all moe_router_topk tensors must be on one device")
+
+
+@torch.library.register_fake("adallm::moe_router_topk")
+def _(x, weight, top_k, renormalize):
+    check_router_args(x, weight, top_k)
+    t = x.shape[0]
+    return x.new_empty((t, weight.shape[0])), x.new_empty((t, top_k)), x.new_empty((t, top_k), dtype=torch.int64)
+
+
 def fp8_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  k_scale: torch.Tensor, v_scale: torch.Tensor, positions: torch.Tensor) -> None:
     """Quantizes new K/V to e4m3 with one scale per (token, head) and writes them into the cache, in place.
@@ -205,6 +240,64 @@ def check_kv_write_args(k, v, k_cache, v_cache, k_scale, v_scale, positions) -> 
 @torch.library.register_fake("adallm::fp8_kv_write")
 def _(k, v, k_cache, v_cache, k_scale, v_scale, positions):
     check_kv_write_args(k, v, k_cache, v_cache, k_scale, v_scale, positions)
+
+
+def qk_norm_rope_kv_write(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          k_scale: torch.Tensor, v_scale: torch.Tensor, position: torch.Tensor, eps: float,
+                          weight_offset: float = 0.0) -> torch.Tensor:
+    """The decode step's attention prologue: q/k RMSNorm per head, RoPE, K/V into the FP8 cache; returns q.
+
+    qkv: bf16/fp16 [B, (Hq + 2 Hkv) * D], one new token per row (the fused projection's output: Hq q heads,
+    then Hkv k heads, then Hkv v heads); q_norm_weight, k_norm_weight: qkv.dtype [D]; cos, sin: qkv.dtype
+    [B, D] or [1, D] (rotate-half RoPE); caches and scales as in fp8_kv_write; position: int64 [1], the new
+    token's absolute position (slot = position % L). Per q/k head, in fp32, rounded once at the end:
+        x = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset)    (Qwen3: offset 0, Gemma3: 1)
+        y = x * cos + rotate_half(x) * sin
+    k's y and v are written with fp8_kv_write's recipe (k quantized from fp32); returns q's y as qkv.dtype
+    [B, Hq, D], contiguous (fp8_decode_attention's q).
+    """
+    return torch.ops.adallm.qk_norm_rope_kv_write(qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache,
+                                                  k_scale, v_scale, position, eps, weight_offset)
+
+
+def check_qk_norm_rope_args(qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, k_scale, v_scale,
+                            position, eps) -> int:
+    """Validates qk_norm_rope_kv_write's arguments; returns Hq."""
+    check_kv_cache(k_cache, k_scale, "k")
+    check_kv_cache(v_cache, v_scale, "v")
+    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape")
+    b, hkv, _, d = k_cache.shape
+    _require(qkv.dtype in (torch.bfloat16, torch.float16), f"qkv must be bfloat16 or float16, got {qkv.dtype}")
+    heads = qkv.shape[1] // d if qkv.dim() == 2 else 0
+    _require(qkv.dim() == 2 and qkv.shape[0] == b and qkv.shape[1] % d == 0 and hkv > 0 and heads > 2 * hkv
+             and (heads - 2 * hkv) % hkv == 0,
+             f"qkv must be [{b}, (Hq + 2 * {hkv}) * {d}] with Hq a positive multiple of Hkv to match the cache, "
+             f"got {tuple(qkv.shape)}")
+    _require(qkv.is_contiguous(), "qkv must be contiguous")
+    for name, t in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        _require(t.dtype == qkv.dtype and t.shape == (d,) and t.is_contiguous(),
+                 f"{name} must be a contiguous {qkv.dtype} [{d}], got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _require(t.dtype == qkv.dtype and t.dim() == 2 and t.shape[0] in (b, 1) and t.shape[1] == d
+                 and t.is_contiguous(),
+                 f"{name} must be a contiguous {qkv.dtype} [{b} or 1, {d}], got {t.dtype} {tuple(t.shape)}")
+    _require(cos.shape == sin.shape, "cos and sin must have one shape")
+    _require(position.dtype == torch.int64 and position.shape == (1,),
+             f"position must be int64 [1], got {position.dtype} {tuple(position.shape)}")
+    _require(eps >= 0, "eps must be >= 0")
+    _require(len({t.device for t in (qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, k_scale,
+                                     v_scale, position)}) == 1,
+             "all qk_norm_rope_kv_write tensors must be on one device")
+    return heads - 2 * hkv
+
+
+@torch.library.register_fake("adallm::qk_norm_rope_kv_write")
+def _(qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, k_scale, v_scale, position, eps,
+      weight_offset):
+    hq = check_qk_norm_rope_args(qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, k_scale, v_scale,
+                                 position, eps)
+    return qkv.new_empty((qkv.shape[0], hq, k_cache.shape[3]))
 
 
 def fp8_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,

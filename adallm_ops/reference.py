@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .ops import (E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, _require, check_activation, check_decode_attention_args,
-                  check_kv_write_args, check_nvfp4_weight, check_quantize_args)
+                  check_kv_write_args, check_nvfp4_weight, check_qk_norm_rope_args, check_quantize_args,
+                  check_router_args)
 
 # E2M1 magnitudes by code 0..7; code | 8 is the negative.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -92,6 +93,18 @@ def nvfp4_moe_linear(x, weight, weight_scale, weight_global_scale, expert_ids):
     return out.to(x.dtype)
 
 
+@torch.library.impl("adallm::moe_router_topk", "CPU")
+def moe_router_topk(x, weight, top_k, renormalize):
+    check_router_args(x, weight, top_k)
+    logits = (x.float() @ weight.float().t()).to(x.dtype)
+    # A stable descending sort: equal logits keep the lower expert first.
+    ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
+    w = logits.float().softmax(-1).gather(-1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return logits, w.to(x.dtype), ids
+
+
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., D] -> (e4m3 [..., D], fp32 scale [...]): scale = amax/448 (1 if the row is all zero)."""
     xf = x.float()
@@ -104,14 +117,37 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.library.impl("adallm::fp8_kv_write", "CPU")
 def fp8_kv_write(k, v, k_cache, v_cache, k_scale, v_scale, positions):
     check_kv_write_args(k, v, k_cache, v_cache, k_scale, v_scale, positions)
-    length = k_cache.shape[2]
-    slots = positions % length
+    _write_kv_rows(k, v, k_cache, v_cache, k_scale, v_scale, positions)
+
+
+def _write_kv_rows(k, v, k_cache, v_cache, k_scale, v_scale, positions) -> None:
+    """k, v [B, Hkv, S, D] (any float dtype) -> e4m3 rows at slots positions % L."""
+    slots = positions % k_cache.shape[2]
     _require(slots.unique().numel() == slots.numel(), "positions must map to distinct cache slots")
     for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         q, s = fp8_quantize_rows(new)
         # index_copy_ has no float8 kernel: copy the bytes.
         cache.view(torch.uint8).index_copy_(2, slots, q.view(torch.uint8))
         scale.index_copy_(2, slots, s)
+
+
+@torch.library.impl("adallm::qk_norm_rope_kv_write", "CPU")
+def qk_norm_rope_kv_write(qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, k_scale, v_scale, position,
+                          eps, weight_offset):
+    hq = check_qk_norm_rope_args(qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, k_scale, v_scale,
+                                 position, eps)
+    b, hkv, _, d = k_cache.shape
+    heads = qkv.float().view(b, hq + 2 * hkv, d)
+    c, s = cos.float().unsqueeze(1), sin.float().unsqueeze(1)  # [B or 1, 1, D]
+
+    def norm_rope(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # fp32 [B, H, D]
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + weight_offset)
+        rotated = torch.cat((-x[..., d // 2:], x[..., :d // 2]), dim=-1)
+        return x * c + rotated * s
+
+    k = norm_rope(heads[:, hq:hq + hkv], k_norm_weight)
+    _write_kv_rows(k.unsqueeze(2), heads[:, hq + hkv:].unsqueeze(2), k_cache, v_cache, k_scale, v_scale, position)
+    return norm_rope(heads[:, :hq], q_norm_weight).to(qkv.dtype)
 
 
 def decode_valid_slots(cache_seqlens: torch.Tensor, cache_start: torch.Tensor, length: int,

@@ -47,6 +47,22 @@ def main():
         ref = torch.ops.adallm.fp8_decode_attention(q.cpu(), kc.cpu(), vc.cpu(), ks.cpu(), vs.cpu(), sl.cpu(),
                                                     st.cpu(), d ** -0.5, window, 0.0)
         close(out, ref)
+    # The decode prologue: every head_dim, a broadcast and a per-row cos/sin, a position past a ring's length.
+    for b, hq, hkv, d, length, rope_rows, position in [(1, 8, 1, 64, 16, 1, 3), (3, 32, 8, 128, 64, 3, 200),
+                                                         (2, 4, 4, 256, 8, 1, 9)]:
+        qkv = torch.randn(b, (hq + 2 * hkv) * d, dtype=torch.bfloat16)
+        w, cos, sin = torch.randn(2, d, dtype=torch.bfloat16), *torch.randn(2, rope_rows, d, dtype=torch.bfloat16)
+        caches = [torch.zeros(b, hkv, length, d, dtype=torch.float8_e4m3fn), torch.zeros(b, hkv, length, d,
+                  dtype=torch.float8_e4m3fn), torch.ones(b, hkv, length), torch.ones(b, hkv, length)]
+        args = [qkv, w[0], w[1], cos, sin]
+        out = torch.ops.adallm.qk_norm_rope_kv_write(*(t.to(dev) for t in args + caches),
+                                                      torch.tensor([position], device=dev), 1e-6, 1.0)
+        close(out, torch.ops.adallm.qk_norm_rope_kv_write(*args, *caches, torch.tensor([position]), 1e-6, 1.0))
+    # The MoE router: a partial last CTA (E = 60), the most experts, tokens and top_k the kernel takes.
+    for t, e, h, k in [(1, 128, 2048, 8), (3, 60, 256, 4), (16, 512, 64, 32)]:
+        x, w = torch.randn(t, h, dtype=torch.bfloat16), torch.randn(e, h, dtype=torch.bfloat16)
+        out = torch.ops.adallm.moe_router_topk(x.to(dev), w.to(dev), k, True)
+        close(out[0], torch.ops.adallm.moe_router_topk(x, w, k, True)[0])
     torch.cuda.synchronize()
     print("sanitize_ops: all CUDA ops ran and matched the CPU reference")
 

@@ -1,6 +1,7 @@
-// CUDA impls of adallm::fp8_kv_write and adallm::fp8_decode_attention (schemas in adallm_ops/ops.py):
-// argument checks (the same as ops.py's, raised as ValueError), then the torch-free kernels of
-// fp8_kv_write.cuh / fp8_decode_attention.cuh. Neither op syncs with the host: both are CUDA-graph safe.
+// CUDA impls of adallm::fp8_kv_write, adallm::qk_norm_rope_kv_write and adallm::fp8_decode_attention (schemas
+// in adallm_ops/ops.py): argument checks (the same as ops.py's, raised as ValueError), then the torch-free
+// kernels of fp8_kv_write.cuh / qk_norm_rope_kv_write.cuh / fp8_decode_attention.cuh. No op syncs with the
+// host: all are CUDA-graph safe.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,13 +11,16 @@
 #include <cmath>
 
 #include "check.h"
+#include "device_symbol.h"
 #include "fp8_decode_attention.cuh"
 #include "fp8_kv_write.cuh"
+#include "qk_norm_rope_kv_write.cuh"
 
 namespace {
 
 using adallm_fp8::DecodeParams;
 using adallm_fp8::KvWriteParams;
+using adallm_fp8::QkNormRopeParams;
 
 constexpr int kMaxCounterRows = 1 << 16;  // batch * Hkv of one decode call
 // Arrival counters of the decode kernel's split merge; each launch leaves them at zero. Shared by all
@@ -25,13 +29,7 @@ __device__ unsigned g_decode_counters[kMaxCounterRows];
 
 unsigned* decode_counters(int device) {
   static std::array<unsigned*, 64> cached{};
-  ADALLM_CHECK_RUNTIME(device >= 0 && device < int(cached.size()), "adallm: device index ", device, " out of range");
-  if (cached[device] == nullptr) {
-    void* ptr = nullptr;
-    C10_CUDA_CHECK(cudaGetSymbolAddress(&ptr, g_decode_counters));
-    cached[device] = static_cast<unsigned*>(ptr);
-  }
-  return cached[device];
+  return adallm::device_symbol_address(g_decode_counters, cached, device);
 }
 
 // CTAs of the decode kernel for (head_dim, group) resident per SM; the kernel is prepared (its shared
@@ -127,6 +125,77 @@ void fp8_kv_write_cuda(const at::Tensor& k_in, const at::Tensor& v_in, const at:
   adallm::check_launch(err, "fp8_kv_write");
 }
 
+at::Tensor qk_norm_rope_kv_write_cuda(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                                      const at::Tensor& v_cache, const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                      const at::Tensor& position, double eps, double weight_offset) {
+  check_kv_cache(k_cache, k_scale, "k");
+  check_kv_cache(v_cache, v_scale, "v");
+  ADALLM_CHECK(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
+  const int64_t b = k_cache.size(0), hkv = k_cache.size(1), length = k_cache.size(2), d = k_cache.size(3);
+  ADALLM_CHECK(qkv.scalar_type() == at::kBFloat16 || qkv.scalar_type() == at::kHalf,
+               "adallm: qkv must be bfloat16 or float16, got ", qkv.scalar_type());
+  ADALLM_CHECK(qkv.dim() == 2 && qkv.size(0) == b && qkv.size(1) % d == 0 && hkv > 0 &&
+                   qkv.size(1) / d > 2 * hkv && (qkv.size(1) / d - 2 * hkv) % hkv == 0,
+               "adallm: qkv must be [", b, ", (Hq + 2 * ", hkv, ") * ", d,
+               "] with Hq a positive multiple of Hkv to match the cache, got ", qkv.sizes());
+  ADALLM_CHECK(qkv.is_contiguous(), "adallm: qkv must be contiguous");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q_norm_weight", &q_weight},
+                                {"k_norm_weight", &k_weight}}) {
+    ADALLM_CHECK(t->scalar_type() == qkv.scalar_type() && t->dim() == 1 && t->size(0) == d && t->is_contiguous(),
+                 "adallm: ", name, " must be a contiguous ", qkv.scalar_type(), " [", d, "], got ",
+                 t->scalar_type(), " ", t->sizes());
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"cos", &cos}, {"sin", &sin}}) {
+    ADALLM_CHECK(t->scalar_type() == qkv.scalar_type() && t->dim() == 2 && (t->size(0) == b || t->size(0) == 1) &&
+                     t->size(1) == d && t->is_contiguous(),
+                 "adallm: ", name, " must be a contiguous ", qkv.scalar_type(), " [", b, " or 1, ", d, "], got ",
+                 t->scalar_type(), " ", t->sizes());
+  }
+  ADALLM_CHECK(cos.sizes() == sin.sizes(), "adallm: cos and sin must have one shape");
+  ADALLM_CHECK(position.scalar_type() == at::kLong && position.numel() == 1 && position.dim() == 1,
+               "adallm: position must be int64 [1], got ", position.scalar_type(), " ", position.sizes());
+  ADALLM_CHECK(eps >= 0, "adallm: eps must be >= 0");
+  check_same_device({&qkv, &q_weight, &k_weight, &cos, &sin, &k_cache, &v_cache, &k_scale, &v_scale, &position},
+                    "qk_norm_rope_kv_write");
+  ADALLM_CHECK(d == 64 || d == 128 || d == 256, "adallm: the CUDA qk_norm_rope_kv_write supports head_dim 64, 128 "
+               "and 256, got ", d);
+  for (const at::Tensor* t : {&qkv, &q_weight, &k_weight, &cos, &sin}) {
+    ADALLM_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                 "adallm: qkv, the norm weights, cos and sin must be 16-byte aligned");
+  }
+  const int64_t hq = qkv.size(1) / d - 2 * hkv;
+  at::Tensor q = at::empty({b, hq, d}, qkv.options());
+  if (b == 0) return q;
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  QkNormRopeParams p{};
+  p.qkv = qkv.data_ptr();
+  p.qkv_stride_b = qkv.stride(0);
+  p.q_weight = q_weight.data_ptr();
+  p.k_weight = k_weight.data_ptr();
+  p.cos = cos.data_ptr();
+  p.sin = sin.data_ptr();
+  p.rope_stride_b = cos.size(0) == 1 ? 0 : d;
+  p.q_out = q.data_ptr();
+  p.k_cache = static_cast<uint8_t*>(k_cache.data_ptr());
+  p.v_cache = static_cast<uint8_t*>(v_cache.data_ptr());
+  p.k_scale = k_scale.data_ptr<float>();
+  p.v_scale = v_scale.data_ptr<float>();
+  p.position = position.data_ptr<int64_t>();
+  p.eps = float(eps);
+  p.weight_offset = float(weight_offset);
+  p.batch = int(b);
+  p.q_heads = int(hq);
+  p.kv_heads = int(hkv);
+  p.length = int(length);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaError_t err = qkv.scalar_type() == at::kBFloat16
+                              ? adallm_fp8::launch_qk_norm_rope_kv_write<__nv_bfloat16>(p, int(d), stream)
+                              : adallm_fp8::launch_qk_norm_rope_kv_write<__half>(p, int(d), stream);
+  adallm::check_launch(err, "qk_norm_rope_kv_write");
+  return q;
+}
+
 at::Tensor fp8_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& k_scale, const at::Tensor& v_scale,
                                      const at::Tensor& cache_seqlens, const at::Tensor& cache_start,
@@ -200,5 +269,6 @@ at::Tensor fp8_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_ca
 
 TORCH_LIBRARY_IMPL(adallm, CUDA, m) {
   m.impl("fp8_kv_write", &fp8_kv_write_cuda);
+  m.impl("qk_norm_rope_kv_write", &qk_norm_rope_kv_write_cuda);
   m.impl("fp8_decode_attention", &fp8_decode_attention_cuda);
 }

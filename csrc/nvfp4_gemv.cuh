@@ -270,9 +270,11 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
 
 // Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
 // One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane), 2 CTAs per
-// SM (105 registers on sm_90, bf16). Two m-tiles (M > 8) take 2 vectors (116 registers), chosen when 4 did not
-// fit in 128; today's code fits 4 in 126 (sm_90, no spills), not yet measured: at M = 16 this kernel runs at
-// ~27% of copy bandwidth, and twice the bytes in flight may be the cure (linear_notes.md, eighth session).
+// SM (105 registers on sm_90, bf16). Two m-tiles (M > 8) take 4 vectors as well (126 registers, no spills):
+// on the H200 at M = 16 they beat 2 vectors by 3-7% on Qwen3-8B's shapes (gate_up 48.9 -> 47.2 us, down 24.5 ->
+// 22.8) and Gemma3-27B's gate_up (106.1 -> 102.1), equal elsewhere; 1 CTA per SM was 20-30% slower
+// (exp/m16_sweep.py of gemv_m16_sweep.diff, linear_notes.md tenth session). At M = 16 the kernel stays
+// issue-bound, at the time of BF16 cuBLAS: twice the bytes in flight was not the cure.
 // Routed experts (one row per pair) take 2 vectors and 3 CTAs per SM (80 registers, no spills): their CTAs
 // are short (K = 768 or 2048) and each pays its own load latency, so more resident CTAs win. bench_linear.py on
 // the H200 (benchmarks/results/linear.json against linear_14cb60c.json): Qwen3-30B-A3B expert gate_up 14.2 ->
@@ -281,7 +283,7 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
 // 4 vectors.
 template <typename T>
 cudaError_t launch_nvfp4_gemv(const Nvfp4GemvArgs& a, int pairs, int num_sms, cudaStream_t stream) {
-    if (a.M > 8) return launch_gemv_shape<T, 2, 2, 2>(a, pairs, num_sms, stream);
+    if (a.M > 8) return launch_gemv_shape<T, 2, 4, 2>(a, pairs, num_sms, stream);
     if (a.expert_ids != nullptr) return launch_gemv_shape<T, 1, 2, 3>(a, pairs, num_sms, stream);
     return launch_gemv_shape<T, 1, 4, 2>(a, pairs, num_sms, stream);
 }

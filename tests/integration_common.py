@@ -380,7 +380,7 @@ def check_compile(family: str) -> None:
     ops = [{str(n.target) for n in g.graph.nodes if n.op == "call_function" and "adallm" in str(n.target)}
            for g in graphs]
     assert {"adallm.nvfp4_linear", "adallm.fp8_kv_write"} <= ops[0], ops[0]
-    assert "adallm.fp8_decode_attention" in ops[1], ops[1]
+    assert {"adallm.qk_norm_rope_kv_write", "adallm.fp8_decode_attention"} <= ops[1], ops[1]
 
 
 class DirectStep:

@@ -1,6 +1,8 @@
 """CUDA FP8 KV-cache kernels (csrc/fp8_*.cu) against the CPU reference and a float64 recomputation.
 
-fp8_kv_write must match the reference bit for bit (cache bytes and scales). fp8_decode_attention is held
+fp8_kv_write must match the reference bit for bit (cache bytes and scales); so must qk_norm_rope_kv_write's V,
+while its q and K may differ by a rounding step (its sum of squares and rsqrt are not the reference's, by a
+few fp32 ulps, which can move a value across a rounding midpoint). fp8_decode_attention is held
 to the STYLE.md rule: its error against float64 may be at most twice the CPU reference's (fp32 math,
 output rounded to q.dtype) plus a small floor.
 """
@@ -238,6 +240,38 @@ def test_kv_write_then_decode_graph():
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+@pytest.mark.parametrize("b,hq,hkv,rope_rows,position,length", [(1, 8, 1, 1, 0, 16), (3, 32, 8, 3, 70, 64),
+                                                                   (2, 4, 4, 1, 5, 8)])
+def test_qk_norm_rope_kv_write_vs_reference(dtype, d, weight_offset, b, hq, hkv, rope_rows, position, length):
+    heads = hq + 2 * hkv
+    qkv = (torch.randn(b, heads, d) * torch.exp(2 * torch.randn(b, heads, 1))).reshape(b, heads * d)
+    qkv[0, :d] = 0  # an all-zero q head stays zero
+    qkv[-1, hq * d:(hq + 1) * d] = 0  # an all-zero k head gets scale 1
+    qkv = qkv.to(dtype)
+    qw, kw = (torch.randn(2, d) * 0.5).to(dtype)
+    angle = torch.rand(rope_rows, d // 2) * 100
+    cos, sin = (f(torch.cat((angle, angle), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    base = [torch.randint(0, 0x7E, (b, hkv, length, d), dtype=torch.uint8).view(torch.float8_e4m3fn),
+            torch.randint(0, 0x7E, (b, hkv, length, d), dtype=torch.uint8).view(torch.float8_e4m3fn),
+            torch.rand(b, hkv, length), torch.rand(b, hkv, length)]
+    gpu, cpu = [t.to(DEV) for t in base], [t.clone() for t in base]
+    pos = torch.tensor([position])
+    q_gpu = torch.ops.adallm.qk_norm_rope_kv_write(*(t.to(DEV) for t in (qkv, qw, kw, cos, sin)), *gpu, pos.to(DEV),
+                                                   1e-6, weight_offset)
+    q_cpu = torch.ops.adallm.qk_norm_rope_kv_write(qkv, qw, kw, cos, sin, *cpu, pos, 1e-6, weight_offset)
+    gpu = [t.cpu() for t in gpu]
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    torch.testing.assert_close(q_gpu.cpu().float(), q_cpu.float(), rtol=ulp, atol=1e-5)
+    assert_same_bytes(gpu[1::2], cpu[1::2])  # V: the same recipe on the same bf16/fp16 values
+    torch.testing.assert_close(gpu[2], cpu[2], rtol=1e-5, atol=0)  # K scales
+    k_gpu, k_cpu = gpu[0].float(), cpu[0].float()  # K codes: at most one e4m3 step apart
+    assert ((k_gpu - k_cpu).abs() <= k_cpu.abs() * 2.0 ** -3 + 2.0 ** -9).all()
+    assert (k_gpu != k_cpu).float().mean() < 0.01
+
+
 def _decode_args(**over):
     b, hkv, length, d = 2, 2, 32, 64
     a = dict(q=torch.randn(b, hkv * 2, d, dtype=torch.bfloat16),
@@ -261,6 +295,17 @@ def _kv_write_call(k_dtype=torch.bfloat16, s=3, pos_dtype=torch.int64, pos_devic
     return lambda: torch.ops.adallm.fp8_kv_write(k, k, kc, kc.clone(), ks, ks.clone(), pos)
 
 
+def _qk_norm_rope_call(qkv_heads=12, cos_dtype=torch.bfloat16, pos_dtype=torch.int64):
+    kc = torch.zeros(2, 2, 8, 64, dtype=torch.float8_e4m3fn, device=DEV)
+    ks = torch.ones(2, 2, 8, device=DEV)
+    qkv = torch.randn(2, qkv_heads * 64, dtype=torch.bfloat16, device=DEV)
+    w = torch.ones(64, dtype=torch.bfloat16, device=DEV)
+    cos = torch.ones(1, 64, dtype=cos_dtype, device=DEV)
+    pos = torch.zeros(1, dtype=pos_dtype, device=DEV)
+    return lambda: torch.ops.adallm.qk_norm_rope_kv_write(qkv, w, w, cos, cos, kc, kc.clone(), ks, ks.clone(), pos,
+                                                          1e-6, 0.0)
+
+
 def _bad_input_cases():
     d96 = dict(q=torch.randn(1, 1, 96, dtype=torch.bfloat16), k_cache=torch.zeros(1, 1, 8, 96, dtype=torch.float8_e4m3fn),
                v_cache=torch.zeros(1, 1, 8, 96, dtype=torch.float8_e4m3fn), k_scale=torch.ones(1, 1, 8),
@@ -278,6 +323,9 @@ def _bad_input_cases():
         (_kv_write_call(s=9), "cannot write 9 tokens"),
         (_kv_write_call(k_dtype=torch.float32), "k and v must both be bfloat16 or float16"),
         (_kv_write_call(pos_device="cpu"), "must be on one device"),
+        (_qk_norm_rope_call(qkv_heads=5), "Hq a positive multiple of Hkv"),
+        (_qk_norm_rope_call(cos_dtype=torch.float32), "cos must be a contiguous"),
+        (_qk_norm_rope_call(pos_dtype=torch.int32), "position must be int64 [1]"),
     ]
 
 

@@ -4,6 +4,7 @@ from integration_common import (check_batch_matches_alone, check_compile, check_
                                 check_logits, tiny_model)
 
 import adallm
+from adallm.integrations.qwen3_moe import Router
 from adallm.mlp import NVFP4Experts, NVFP4MLP
 
 
@@ -27,12 +28,12 @@ def test_compile_fullgraph():
     check_compile("qwen3_moe")
 
 
-def test_experts_swapped_router_kept():
+def test_experts_swapped_router_fused():
     model = tiny_model("qwen3_moe")
     router = model.model.layers[0].mlp.gate
     adallm.patch(model, progress=False)
     sparse, dense = model.model.layers[0].mlp, model.model.layers[1].mlp
-    assert sparse.gate is router and router.weight.dtype == torch.bfloat16
+    assert sparse.gate is router and isinstance(router, Router) and router.weight.dtype == torch.bfloat16
     assert isinstance(sparse.experts, NVFP4Experts) and isinstance(dense, NVFP4MLP)
     ex = sparse.experts
     assert ex.gate_up_weight.shape == (8, 128, 64) and ex.gate_up_weight_scale.shape == (8, 128, 8)
@@ -58,3 +59,21 @@ def test_experts_match_float64_definition():
     out = ex(x, idx, w).double()
     # bf16 intermediates (as transformers' experts): a few bf16 roundings.
     assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_router_matches_transformers():
+    """Router (adallm::moe_router_topk) against transformers' Qwen3MoeTopKRouter on the same weight: same experts,
+    weights within a bf16 rounding, same logits; at decode (T = 3) and prefill (T = 40) sizes."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+    model = tiny_model("qwen3_moe")
+    hf_router = model.model.layers[0].mlp.gate
+    ours = Qwen3MoeTopKRouter(model.config).to(torch.bfloat16)
+    ours.load_state_dict(hf_router.state_dict())
+    ours.__class__ = Router
+    torch.manual_seed(0)
+    for t in (3, 40):
+        x = torch.randn(t, model.config.hidden_size).to(torch.bfloat16)
+        (l_hf, w_hf, i_hf), (l, w, i) = hf_router(x), ours(x)
+        assert torch.equal(i, i_hf) and i.dtype == torch.int64
+        torch.testing.assert_close(l, l_hf, rtol=2 ** -7, atol=1e-3)
+        torch.testing.assert_close(w, w_hf, rtol=2 ** -7, atol=1e-4)

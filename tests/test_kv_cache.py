@@ -15,11 +15,18 @@ def e4m3_bound(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.abs() * 2.0 ** -4, scale * 2.0 ** -10) * (1 + 1e-6)
 
 
+def append_token(layer, k, v):
+    """A decode step's write (the attention module writes with qk_norm_rope_kv_write; the bookkeeping is this)."""
+    torch.ops.adallm.fp8_kv_write(k, v, layer.keys, layer.values, layer.key_scale, layer.value_scale,
+                                  layer.next_position())
+    return layer.advance()
+
+
 def write(layer, x_k, x_v, chunks):
     a = 0
     for b in chunks:
         if b - a == 1:
-            layer.append_token(x_k[:, :, a:b], x_v[:, :, a:b])
+            append_token(layer, x_k[:, :, a:b], x_v[:, :, a:b])
         else:
             layer.write_chunk(x_k[:, :, a:b], x_v[:, :, a:b], None)
         a = b
@@ -77,7 +84,7 @@ def test_full_layer_refuses_to_overflow():
     x = torch.randn(1, 1, 4, D).to(torch.bfloat16)
     layer.write_chunk(x, x, None)
     with pytest.raises(ValueError, match="holds 4 tokens"):
-        layer.append_token(x[:, :, :1], x[:, :, :1])
+        layer.next_position()
 
 
 def test_padding_start_reset_and_reorder():

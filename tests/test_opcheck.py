@@ -24,8 +24,16 @@ def samples(device):
         "nvfp4_linear": [(x, *w, None), (x, *w, torch.randn(24, dtype=torch.bfloat16, device=device))],
         "nvfp4_quantize": [(torch.randn(8, 32, device=device), torch.tensor(0.01, device=device))],
         "nvfp4_moe_linear": [(x, *ew, ids), (torch.randn(3, 2, 64, dtype=torch.bfloat16, device=device), *ew, ids)],
+        "moe_router_topk": [(x, torch.randn(6, 64, dtype=torch.bfloat16, device=device), 2, True),
+                            (torch.randn(20, 64, dtype=torch.bfloat16, device=device),
+                             torch.randn(6, 64, dtype=torch.bfloat16, device=device), 3, False)],
         "fp8_kv_write": [(kv_new, kv_new.clone(), kc.clone(), kc.clone(), ks.clone(), ks.clone(),
                           torch.tensor([17, 18, 19], device=device))],
+        "qk_norm_rope_kv_write": [
+            (torch.randn(b, (4 + 2 * hkv) * d, dtype=torch.bfloat16, device=device),
+             *torch.randn(2, d, dtype=torch.bfloat16, device=device), *torch.randn(2, rows, d, device=device).to(
+                 torch.bfloat16), kc.clone(), kc.clone(), ks.clone(), ks.clone(), torch.tensor([21], device=device),
+             1e-6, offset) for rows, offset in ((b, 0.0), (1, 1.0))],
         "fp8_decode_attention": [
             (torch.randn(b, 8, d, dtype=torch.bfloat16, device=device), kc, kc.clone(), ks, ks.clone(),
              torch.tensor([5, 16], **i32), torch.tensor([0, 3], **i32), 0.125, 0, 0.0),
@@ -35,10 +43,11 @@ def samples(device):
     }
 
 
-OPS = ["nvfp4_linear", "nvfp4_quantize", "nvfp4_moe_linear", "fp8_kv_write", "fp8_decode_attention"]
+OPS = ["nvfp4_linear", "nvfp4_quantize", "nvfp4_moe_linear", "moe_router_topk", "fp8_kv_write",
+       "qk_norm_rope_kv_write", "fp8_decode_attention"]
 # opcheck's test_schema compares inputs before/after with torch.allclose, which has no float8 kernel, so
 # it cannot run on ops taking float8 tensors; test_declared_mutations below checks the same by bytes.
-TAKES_FP8 = {"nvfp4_linear", "nvfp4_moe_linear", "fp8_kv_write", "fp8_decode_attention"}
+TAKES_FP8 = {"nvfp4_linear", "nvfp4_moe_linear", "fp8_kv_write", "qk_norm_rope_kv_write", "fp8_decode_attention"}
 ALL_BUT_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 

@@ -43,6 +43,26 @@ def test_nvfp4_moe_linear_vs_float64():
                 assert rel_err(y[ti, j], ref) < 4e-3
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_moe_router_topk_vs_float64(renormalize):
+    t, e, h, k = 5, 12, 64, 3
+    x = torch.randn(t, h).to(torch.bfloat16)
+    w = torch.randn(e, h).to(torch.bfloat16)
+    w[7] = w[2]  # experts 2 and 7 always tie: the lower one is picked first
+    logits, weights, ids = adallm_ops.moe_router_topk(x, w, k, renormalize)
+    ref_logits = x.double() @ w.double().t()
+    assert logits.dtype == weights.dtype == torch.bfloat16 and ids.dtype == torch.int64
+    assert rel_err(logits, ref_logits) < 4e-3
+    for r in range(t):
+        order = sorted(range(e), key=lambda j: (-float(logits[r, j]), j))  # by the rounded logit, then index
+        assert ids[r].tolist() == order[:k]
+        p = logits[r].double().softmax(-1)[ids[r]]
+        ref = p / p.sum() if renormalize else p
+        assert rel_err(weights[r], ref) < 4e-3
+        if 2 in order[:k] and 7 in order[:k]:
+            assert order.index(2) < order.index(7)
+
+
 def make_cache(b, hkv, length, d, scale=1.0):
     kc = torch.zeros(b, hkv, length, d, dtype=torch.float8_e4m3fn)
     vc = torch.zeros_like(kc)
@@ -68,6 +88,37 @@ def test_kv_write_round_trip_and_extremes():
     assert got[0, 1, 1].abs().max() > 0  # 1e-6 values did not vanish
     assert (got[1, 0, 2] == 0).all()
     assert (kc.view(torch.uint8)[:, :, [0, 4, 5, 6, 7]] == 0).all()  # other slots untouched
+
+
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+@pytest.mark.parametrize("rope_rows", [1, 3])
+def test_qk_norm_rope_kv_write_vs_float64(weight_offset, rope_rows):
+    b, hq, hkv, d, length, eps = 3, 4, 2, 64, 8, 1e-6
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d) * 3).to(torch.bfloat16)
+    qkv[1, hq * d:(hq + 1) * d] *= 1e-4  # a tiny k head: the norm brings it back to ~1
+    qw, kw = (torch.randn(d) * 0.5).to(torch.bfloat16), (torch.randn(d) * 0.5).to(torch.bfloat16)
+    angle = torch.rand(rope_rows, d // 2) * 6
+    cos, sin = (f(torch.cat((angle, angle), -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    kc, vc, ks, vs = make_cache(b, hkv, length, d)
+    q = adallm_ops.qk_norm_rope_kv_write(qkv, qw, kw, cos, sin, kc, vc, ks, vs, torch.tensor([10]), eps,
+                                         weight_offset)
+
+    x = qkv.double().view(b, -1, d)
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+
+    def norm_rope(h, w):  # the definition, float64
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps) * (w.double() + weight_offset)
+        return h * c + torch.cat((-h[..., d // 2:], h[..., :d // 2]), -1) * s
+
+    assert q.shape == (b, hq, d) and q.dtype == torch.bfloat16 and q.is_contiguous()
+    assert rel_err(q, norm_rope(x[:, :hq], qw)) < 4e-3
+    slot = 10 % length
+    for cache, scale, ref in ((kc, ks, norm_rope(x[:, hq:hq + hkv], kw)), (vc, vs, x[:, hq + hkv:])):
+        back = cache[:, :, slot].double() * scale[:, :, slot, None]
+        err = (back - ref).abs().amax(-1) / ref.abs().amax(-1)
+        assert err.max() <= 2 ** -4 * 1.001  # e4m3: half an ulp of the row's amax at most
+        others = [i for i in range(length) if i != slot]
+        assert (cache.view(torch.uint8)[:, :, others] == 0).all() and (scale[:, :, others] == 0).all()
 
 
 def attention64(q, kc, vc, ks, vs, seqlens, starts, sm_scale, window, softcap):

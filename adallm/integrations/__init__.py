@@ -21,6 +21,10 @@ class Family:
     architectures: the model classes patched; text_model(model): the module holding `.layers` (the decoder
     layers) and `.config` (the text config); apply_rotary / eager_attention: the family's own
     apply_rotary_pos_emb and eager attention function (same math as its HF attention module);
+    norm_weight_offset: the q/k RMSNorms multiply by weight + offset (Gemma3: 1); decode steps run those norms
+    and rotate-half RoPE (what apply_rotary does in all three families) fused, in qk_norm_rope_kv_write;
+    moe_router: for MoE families, a subclass of the family's router class that patch gives each MoE block's `gate`
+    (its class is swapped, its weight kept);
     check(config): raises ValueError on a configuration AdaLLM does not run.
     """
 
@@ -29,6 +33,8 @@ class Family:
     text_model: Callable[[nn.Module], nn.Module]
     apply_rotary: Callable
     eager_attention: Callable
+    norm_weight_offset: float = 0.0
+    moe_router: type | None = None
     check: Callable = field(default=_no_check)
 
 

@@ -25,5 +25,6 @@ FAMILY = Family(
     text_model=_text_model,
     apply_rotary=hf.apply_rotary_pos_emb,
     eager_attention=hf.eager_attention_forward,
+    norm_weight_offset=1.0,  # Gemma3RMSNorm: x * (1 + weight)
     check=_check,
 )
