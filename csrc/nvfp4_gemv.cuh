@@ -271,10 +271,10 @@ cudaError_t launch_gemv_shape(const Nvfp4GemvArgs& a, int pairs, int num_sms, cu
 // Launches the GEMV for `pairs` independent problems (1 for a plain linear). Returns the launch error.
 // One m-tile (M <= 8): 4 vectors per row per lane per item (8 x 16 B loads in flight per lane), 2 CTAs per
 // SM (105 registers on sm_90, bf16). Two m-tiles (M > 8) take 4 vectors as well (126 registers, no spills):
-// on the H200 at M = 16 they beat 2 vectors by 3-7% on Qwen3-8B's shapes (gate_up 48.9 -> 47.2 us, down 24.5 ->
-// 22.8) and Gemma3-27B's gate_up (106.1 -> 102.1), equal elsewhere; 1 CTA per SM was 20-30% slower
-// (exp/m16_sweep.py of gemv_m16_sweep.diff, linear_notes.md tenth session). At M = 16 the kernel stays
-// issue-bound, at the time of BF16 cuBLAS: twice the bytes in flight was not the cure.
+// on the H200 at M = 16 they beat 2 vectors by up to 7% (Qwen3-8B gate_up 48.9 -> 47.2 us, down 24.5 -> 22.8;
+// Gemma3-27B gate_up 106.1 -> 102.1), never more than 1% slower; 1 CTA per SM was 20-30% slower (exp/m16_sweep.py
+// of gemv_m16_sweep.diff, linear_notes.md tenth session). At M = 16 the kernel still runs at about BF16 cuBLAS's
+// time: twice the bytes in flight was not the cure, and the cause is open (linear_notes.md).
 // Routed experts (one row per pair) take 2 vectors and 3 CTAs per SM (80 registers, no spills): their CTAs
 // are short (K = 768 or 2048) and each pays its own load latency, so more resident CTAs win. bench_linear.py on
 // the H200 (benchmarks/results/linear.json against linear_14cb60c.json): Qwen3-30B-A3B expert gate_up 14.2 ->
