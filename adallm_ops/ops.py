@@ -93,12 +93,17 @@ def check_activation(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
     _require(x.device == weight.device, f"x is on {x.device} but the weight is on {weight.device}")
 
 
-def check_kv_cache(cache: torch.Tensor, scale: torch.Tensor, name: str) -> None:
-    _require(cache.dtype == torch.float8_e4m3fn, f"{name}_cache must be float8_e4m3fn, got {cache.dtype}")
-    _require(cache.dim() == 4, f"{name}_cache must be [B, Hkv, L, D], got shape {tuple(cache.shape)}")
-    _require(cache.is_contiguous() and scale.is_contiguous(), f"{name}_cache and {name}_scale must be contiguous")
-    _require(scale.dtype == torch.float32 and tuple(scale.shape) == tuple(cache.shape[:3]),
-             f"{name}_scale must be float32 {tuple(cache.shape[:3])}, got {scale.dtype} {tuple(scale.shape)}")
+def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                    v_scale: torch.Tensor) -> tuple[int, int, int, int]:
+    """Validates an FP8 cache pair (e4m3 [B, Hkv, L, D] each, fp32 scales [B, Hkv, L]); returns (B, Hkv, L, D)."""
+    for name, cache, scale in (("k", k_cache, k_scale), ("v", v_cache, v_scale)):
+        _require(cache.dtype == torch.float8_e4m3fn, f"{name}_cache must be float8_e4m3fn, got {cache.dtype}")
+        _require(cache.dim() == 4, f"{name}_cache must be [B, Hkv, L, D], got shape {tuple(cache.shape)}")
+        _require(cache.is_contiguous() and scale.is_contiguous(), f"{name}_cache and {name}_scale must be contiguous")
+        _require(scale.dtype == torch.float32 and tuple(scale.shape) == tuple(cache.shape[:3]),
+                 f"{name}_scale must be float32 {tuple(cache.shape[:3])}, got {scale.dtype} {tuple(scale.shape)}")
+    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape")
+    return tuple(k_cache.shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,12 +226,9 @@ def fp8_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def check_kv_write_args(k, v, k_cache, v_cache, k_scale, v_scale, positions) -> None:
-    check_kv_cache(k_cache, k_scale, "k")
-    check_kv_cache(v_cache, v_scale, "v")
-    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape")
+    b, h, length, d = check_kv_caches(k_cache, v_cache, k_scale, v_scale)
     _require(k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype,
              f"k and v must both be bfloat16 or float16, got {k.dtype}, {v.dtype}")
-    b, h, length, d = k_cache.shape
     _require(k.dim() == 4 and k.shape == v.shape and (k.shape[0], k.shape[1], k.shape[3]) == (b, h, d),
              f"k/v must be [{b}, {h}, S, {d}] to match the cache, got {tuple(k.shape)}, {tuple(v.shape)}")
     _require(positions.dtype == torch.int64 and positions.shape == (k.shape[2],),
@@ -264,10 +266,7 @@ def qk_norm_rope_kv_write(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm
 def check_qk_norm_rope_args(qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, k_scale, v_scale,
                             position, eps) -> int:
     """Validates qk_norm_rope_kv_write's arguments; returns Hq."""
-    check_kv_cache(k_cache, k_scale, "k")
-    check_kv_cache(v_cache, v_scale, "v")
-    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape")
-    b, hkv, _, d = k_cache.shape
+    b, hkv, _, d = check_kv_caches(k_cache, v_cache, k_scale, v_scale)
     _require(qkv.dtype in (torch.bfloat16, torch.float16), f"qkv must be bfloat16 or float16, got {qkv.dtype}")
     heads = qkv.shape[1] // d if qkv.dim() == 2 else 0
     _require(qkv.dim() == 2 and qkv.shape[0] == b and qkv.shape[1] % d == 0 and hkv > 0 and heads > 2 * hkv
@@ -319,10 +318,7 @@ def fp8_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def check_decode_attention_args(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, cache_start,
                                 sliding_window, softcap) -> None:
-    check_kv_cache(k_cache, k_scale, "k")
-    check_kv_cache(v_cache, v_scale, "v")
-    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape")
-    b, hkv, _, d = k_cache.shape
+    b, hkv, _, d = check_kv_caches(k_cache, v_cache, k_scale, v_scale)
     _require(q.dtype in (torch.bfloat16, torch.float16), f"q must be bfloat16 or float16, got {q.dtype}")
     _require(q.dim() == 3 and q.shape[0] == b and q.shape[2] == d,
              f"q must be [{b}, Hq, {d}] to match the cache, got {tuple(q.shape)}")
