@@ -53,10 +53,12 @@ e2e() {
   done
 }
 profile() {
-  for impl in adallm bf16; do
-    python3 benchmarks/profile_decode.py ${E2E_MODELS:-qwen3-8b} $([ $impl = bf16 ] && echo --bf16) ${PROFILE_ARGS:-} \
-      > "$OUT/profile_$impl.txt" 2>&1
-    note "profile $impl rc=$? $(grep -m1 'ms/step' "$OUT/profile_$impl.txt")"
+  for m in ${E2E_MODELS:-qwen3-8b}; do
+    for impl in adallm bf16; do
+      python3 benchmarks/profile_decode.py "$m" $([ $impl = bf16 ] && echo --bf16) ${PROFILE_ARGS:-} \
+        > "$OUT/profile_${m}_$impl.txt" 2>&1
+      note "profile $m $impl rc=$? $(grep -m1 'ms/step' "$OUT/profile_${m}_$impl.txt")"
+    done
   done
 }
 ncu() {
