@@ -7,7 +7,8 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
-#include <type_traits>
+
+#include "float16_convert.cuh"
 
 namespace adallm_fp8 {
 
@@ -56,14 +57,8 @@ __device__ __forceinline__ uint16_t float2_to_e4m3x2(float a, float b) {
   return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
 }
 
-// torch builds with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__: convert explicitly.
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>  // __half or __nv_bfloat16, round-to-nearest-even
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return __float2bfloat16_rn(x);
-}
+using adallm::from_float;  // float16_convert.cuh
+using adallm::to_float;
 
 __device__ __forceinline__ float bits16_to_float(uint16_t bits, bool bf16) {
   return bf16 ? __uint_as_float(uint32_t(bits) << 16) : __half2float(__ushort_as_half(bits));

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cmath>
+#include <tuple>
 
 #include "check.h"
 #include "device_symbol.h"
@@ -43,19 +44,25 @@ int decode_ctas_per_sm(int device, int head_dim, int group) {
   return ctas;
 }
 
-void check_kv_cache(const at::Tensor& cache, const at::Tensor& scale, const char* name) {
-  ADALLM_CHECK(cache.scalar_type() == at::kFloat8_e4m3fn, "adallm: ", name,
-                    "_cache must be float8_e4m3fn, got ", cache.scalar_type());
-  ADALLM_CHECK(cache.dim() == 4, "adallm: ", name, "_cache must be [B, Hkv, L, D], got shape ", cache.sizes());
-  ADALLM_CHECK(cache.is_contiguous() && scale.is_contiguous(), "adallm: ", name, "_cache and ", name,
-                    "_scale must be contiguous");
-  ADALLM_CHECK(scale.scalar_type() == at::kFloat && scale.sizes() == cache.sizes().slice(0, 3), "adallm: ",
-                    name, "_scale must be float32 ", cache.sizes().slice(0, 3), ", got ", scale.scalar_type(), " ",
-                    scale.sizes());
-  ADALLM_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, "adallm: ", name,
-                    "_cache must be 16-byte aligned");
-  ADALLM_CHECK(cache.size(2) > 0 && cache.size(2) < (int64_t(1) << 30), "adallm: ", name,
-                    "_cache length must be in [1, 2^30), got ", cache.size(2));
+// An FP8 cache pair: e4m3 [B, Hkv, L, D] each, one shape, fp32 scales [B, Hkv, L] (ops.check_kv_caches' checks).
+void check_kv_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_scale,
+                     const at::Tensor& v_scale) {
+  for (const auto& [name, cache, scale] : {std::tuple<const char*, const at::Tensor*, const at::Tensor*>{
+                                               "k", &k_cache, &k_scale}, {"v", &v_cache, &v_scale}}) {
+    ADALLM_CHECK(cache->scalar_type() == at::kFloat8_e4m3fn, "adallm: ", name, "_cache must be float8_e4m3fn, got ",
+                 cache->scalar_type());
+    ADALLM_CHECK(cache->dim() == 4, "adallm: ", name, "_cache must be [B, Hkv, L, D], got shape ", cache->sizes());
+    ADALLM_CHECK(cache->is_contiguous() && scale->is_contiguous(), "adallm: ", name, "_cache and ", name,
+                 "_scale must be contiguous");
+    ADALLM_CHECK(scale->scalar_type() == at::kFloat && scale->sizes() == cache->sizes().slice(0, 3), "adallm: ", name,
+                 "_scale must be float32 ", cache->sizes().slice(0, 3), ", got ", scale->scalar_type(), " ",
+                 scale->sizes());
+    ADALLM_CHECK(reinterpret_cast<uintptr_t>(cache->data_ptr()) % 16 == 0, "adallm: ", name,
+                 "_cache must be 16-byte aligned");
+    ADALLM_CHECK(cache->size(2) > 0 && cache->size(2) < (int64_t(1) << 30), "adallm: ", name,
+                 "_cache length must be in [1, 2^30), got ", cache->size(2));
+  }
+  ADALLM_CHECK(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
 }
 
 void check_same_device(std::initializer_list<const at::Tensor*> ts, const char* op) {
@@ -76,9 +83,7 @@ bool kv_rows_vectorizable(const at::Tensor& k, const at::Tensor& v) {
 
 void fp8_kv_write_cuda(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& k_scale, const at::Tensor& v_scale, const at::Tensor& positions) {
-  check_kv_cache(k_cache, k_scale, "k");
-  check_kv_cache(v_cache, v_scale, "v");
-  ADALLM_CHECK(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
+  check_kv_caches(k_cache, v_cache, k_scale, v_scale);
   ADALLM_CHECK((k_in.scalar_type() == at::kBFloat16 || k_in.scalar_type() == at::kHalf) &&
                         v_in.scalar_type() == k_in.scalar_type(),
                     "adallm: k and v must both be bfloat16 or float16, got ", k_in.scalar_type(), ", ",
@@ -129,9 +134,7 @@ at::Tensor qk_norm_rope_kv_write_cuda(const at::Tensor& qkv, const at::Tensor& q
                                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                                       const at::Tensor& v_cache, const at::Tensor& k_scale, const at::Tensor& v_scale,
                                       const at::Tensor& position, double eps, double weight_offset) {
-  check_kv_cache(k_cache, k_scale, "k");
-  check_kv_cache(v_cache, v_scale, "v");
-  ADALLM_CHECK(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
+  check_kv_caches(k_cache, v_cache, k_scale, v_scale);
   const int64_t b = k_cache.size(0), hkv = k_cache.size(1), length = k_cache.size(2), d = k_cache.size(3);
   ADALLM_CHECK(qkv.scalar_type() == at::kBFloat16 || qkv.scalar_type() == at::kHalf,
                "adallm: qkv must be bfloat16 or float16, got ", qkv.scalar_type());
@@ -200,9 +203,7 @@ at::Tensor fp8_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_ca
                                      const at::Tensor& k_scale, const at::Tensor& v_scale,
                                      const at::Tensor& cache_seqlens, const at::Tensor& cache_start,
                                      double sm_scale, int64_t sliding_window, double softcap) {
-  check_kv_cache(k_cache, k_scale, "k");
-  check_kv_cache(v_cache, v_scale, "v");
-  ADALLM_CHECK(k_cache.sizes() == v_cache.sizes(), "adallm: k_cache and v_cache must have one shape");
+  check_kv_caches(k_cache, v_cache, k_scale, v_scale);
   const int64_t b = k_cache.size(0), hkv = k_cache.size(1), length = k_cache.size(2), d = k_cache.size(3);
   ADALLM_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
                     "adallm: q must be bfloat16 or float16, got ", q.scalar_type());

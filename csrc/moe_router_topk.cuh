@@ -21,12 +21,12 @@
 
 #include <cstdint>
 
-#include "fp8_convert.cuh"  // to_float / from_float of __half and __nv_bfloat16
+#include "float16_convert.cuh"
 
 namespace adallm_moe {
 
-using adallm_fp8::from_float;
-using adallm_fp8::to_float;
+using adallm::from_float;
+using adallm::to_float;
 
 constexpr int kRouterWarps = 4;
 constexpr int kRouterUnroll = 8;  // 16-byte vectors in flight per lane: a 2048-wide row (Qwen3-30B-A3B) in one go

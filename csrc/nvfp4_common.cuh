@@ -13,18 +13,9 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
-namespace adallm {
+#include "float16_convert.cuh"  // to_float, from_float
 
-// ---------------------------------------------------------------------------------------------------
-// 16-bit <-> fp32 (torch builds with __CUDA_NO_HALF_CONVERSIONS__: no implicit conversions).
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
+namespace adallm {
 
 // ---------------------------------------------------------------------------------------------------
 // Scalar conversions (used where speed does not matter: quantize, dequantize).
