@@ -32,12 +32,35 @@ struct KvWriteParams {
 
 constexpr int kKvWriteWarps = 4;
 
+// The cache slot of absolute position `position`: position % length, as Python's % (never negative).
+__device__ __forceinline__ int64_t cache_slot(int64_t position, int length) {
+  const int64_t slot = position % length;
+  return slot < 0 ? slot + length : slot;
+}
+
+// The recipe above for one row held by a warp (lane i: x = elements i*D/32 .. of the row, in fp32): e4m3 codes
+// into cache row `row` (b * Hkv * L + h * L + slot) of `cache`, its scale into scale[row]. Also used by
+// qk_norm_rope_kv_write.cuh, so that both writes stay bit-exact with the one reference recipe.
+template <int D>
+__device__ __forceinline__ void write_e4m3_row(const float (&x)[D / 32], uint8_t* cache, float* scale, int64_t row,
+                                               int lane) {
+  constexpr int kPerLane = D / 32;
+  struct alignas(kPerLane) OutVec { uint16_t x[kPerLane / 2]; };
+  uint32_t amax_bits = 0;  // |x| compared as integers: exact for subnormals even under flush-to-zero
+  for (int i = 0; i < kPerLane; ++i) amax_bits = max(amax_bits, __float_as_uint(x[i]) & 0x7FFFFFFFu);
+  amax_bits = __reduce_max_sync(0xFFFFFFFFu, amax_bits);
+  const float s = amax_bits != 0 ? div_rn(__uint_as_float(amax_bits), kE4m3Max) : 1.f;
+  OutVec out;
+  for (int i = 0; i < kPerLane; i += 2) out.x[i / 2] = float2_to_e4m3x2(div_rn(x[i], s), div_rn(x[i + 1], s));
+  reinterpret_cast<OutVec*>(cache + row * D)[lane] = out;
+  if (lane == 0) scale[row] = s;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kKvWriteWarps * 32) fp8_kv_write_kernel(const KvWriteParams p) {
   constexpr int kPerLane = D / 32;
   static_assert(kPerLane == 2 || kPerLane == 4 || kPerLane == 8, "D must be 64, 128 or 256");
   struct alignas(kPerLane * sizeof(T)) InVec { T x[kPerLane]; };
-  struct alignas(kPerLane) OutVec { uint16_t x[kPerLane / 2]; };
 
   const int lane = threadIdx.x % 32;
   const int64_t rows = int64_t(p.batch) * p.heads * p.seq;
@@ -52,22 +75,9 @@ __global__ void __launch_bounds__(kKvWriteWarps * 32) fp8_kv_write_kernel(const 
   const T* src = static_cast<const T*>(is_v ? p.v : p.k) + b * p.stride_b + h * p.stride_h + s * p.stride_s;
   const InVec in = reinterpret_cast<const InVec*>(src)[lane];
   float x[kPerLane];
-  uint32_t amax_bits = 0;  // |x| compared as integers: exact for subnormals even under flush-to-zero
-  for (int i = 0; i < kPerLane; ++i) {
-    x[i] = to_float(in.x[i]);
-    amax_bits = max(amax_bits, __float_as_uint(x[i]) & 0x7FFFFFFFu);
-  }
-  amax_bits = __reduce_max_sync(0xFFFFFFFFu, amax_bits);
-  const float scale = amax_bits != 0 ? div_rn(__uint_as_float(amax_bits), kE4m3Max) : 1.f;
-
-  OutVec out;
-  for (int i = 0; i < kPerLane; i += 2) out.x[i / 2] = float2_to_e4m3x2(div_rn(x[i], scale), div_rn(x[i + 1], scale));
-
-  int64_t slot = p.positions[s] % p.length;
-  if (slot < 0) slot += p.length;  // Python's % for a negative position
-  const int64_t dst = bh * p.length + slot;
-  reinterpret_cast<OutVec*>((is_v ? p.v_cache : p.k_cache) + dst * D)[lane] = out;
-  if (lane == 0) (is_v ? p.v_scale : p.k_scale)[dst] = scale;
+  for (int i = 0; i < kPerLane; ++i) x[i] = to_float(in.x[i]);
+  write_e4m3_row<D>(x, is_v ? p.v_cache : p.k_cache, is_v ? p.v_scale : p.k_scale,
+                    bh * p.length + cache_slot(p.positions[s], p.length), lane);
 }
 
 template <typename T, int D>

@@ -23,6 +23,7 @@
 #pragma once
 
 #include "fp8_convert.cuh"
+#include "fp8_kv_write.cuh"  // write_e4m3_row, cache_slot
 
 namespace adallm_fp8 {
 
@@ -51,7 +52,6 @@ __global__ void __launch_bounds__(kQkNormRopeWarps * 32) qk_norm_rope_kv_write_k
   constexpr int kPerLane = D / 32;
   static_assert(kPerLane == 2 || kPerLane == 4 || kPerLane == 8, "D must be 64, 128 or 256");
   struct alignas(kPerLane * sizeof(T)) Vec { T x[kPerLane]; };
-  struct alignas(kPerLane) OutVec { uint16_t x[kPerLane / 2]; };
 
   const int lane = threadIdx.x % 32;
   const int heads = p.q_heads + 2 * p.kv_heads;
@@ -89,19 +89,9 @@ __global__ void __launch_bounds__(kQkNormRopeWarps * 32) qk_norm_rope_kv_write_k
   }
 
   // K or V: fp8_kv_write's recipe on the fp32 values (k is quantized before any rounding to T).
-  uint32_t amax_bits = 0;  // |x| compared as integers: exact for subnormals even under flush-to-zero
-  for (int i = 0; i < kPerLane; ++i) amax_bits = max(amax_bits, __float_as_uint(x[i]) & 0x7FFFFFFFu);
-  amax_bits = __reduce_max_sync(0xFFFFFFFFu, amax_bits);
-  const float scale = amax_bits != 0 ? div_rn(__uint_as_float(amax_bits), kE4m3Max) : 1.f;
-  OutVec out;
-  for (int i = 0; i < kPerLane; i += 2) out.x[i / 2] = float2_to_e4m3x2(div_rn(x[i], scale), div_rn(x[i + 1], scale));
-
-  int64_t slot = *p.position % p.length;
-  if (slot < 0) slot += p.length;  // Python's % for a negative position
   const int kv_head = head - p.q_heads - (is_v ? p.kv_heads : 0);
-  const int64_t dst = (b * p.kv_heads + kv_head) * p.length + slot;
-  reinterpret_cast<OutVec*>((is_v ? p.v_cache : p.k_cache) + dst * D)[lane] = out;
-  if (lane == 0) (is_v ? p.v_scale : p.k_scale)[dst] = scale;
+  write_e4m3_row<D>(x, is_v ? p.v_cache : p.k_cache, is_v ? p.v_scale : p.k_scale,
+                    (b * p.kv_heads + kv_head) * p.length + cache_slot(*p.position, p.length), lane);
 }
 
 template <typename T, int D>
