@@ -5,9 +5,11 @@ patches it in place to NVFP4 (+ FP8 KV cache) and measures again on the same pro
 generate(P + n tokens) minus generate(P + 1 token), so it excludes prefill; each number is the median
 of `repeats` runs after a warm-up run that also compiles. The weight-bandwidth floor is the bytes one
 decode step must read (every layer weight once; for MoE only the routed experts) over the copy
-bandwidth measured in the same process. `--quantize-lm-head` patches with adallm.patch(quantize_lm_head=True):
-the row is then labelled "adallm+lm_head", the JSON records "quantize_lm_head": true, and the floor counts
-lm_head at its NVFP4 size (packed codes, block scales, global scale) instead of BF16.
+bandwidth measured in the same process. `--lm-head {dense,fp8,nvfp4}` patches with adallm.patch(lm_head=...)
+(default dense: lm_head stays BF16): the row is labelled "adallm", "adallm+fp8_head" or "adallm+nvfp4_head", the
+JSON records "lm_head": "dense" | "fp8" | "nvfp4" (results written before it record "quantize_lm_head": true/false
+and label the NVFP4-head row "adallm+lm_head"), and the floor counts lm_head at its own size: BF16 2 bytes per
+weight, FP8 1 byte per weight + 4 per row, NVFP4 packed codes + block scales + global scale.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import time
 
 import torch
 from torch import nn
+
+from .patching import LM_HEADS, check_lm_head
 
 # Published configs (random weights are fine for speed: only shapes matter).
 SHAPES: dict[str, dict] = {
@@ -95,7 +99,7 @@ def git_commit(repo: str = os.path.dirname(__file__)) -> str:
 def decode_bytes_per_token(model: nn.Module) -> int:
     """Bytes one batch-1 decode step reads from the weights: all parameters and buffers of the decoder
     layers and the lm_head, one embedding row, and for MoE only top-k of E experts. Sizes are those of the
-    tensors as they are: an NVFP4 lm_head (patch(quantize_lm_head=True)) counts its packed codes and scales,
+    tensors as they are: a quantized lm_head (patch(lm_head="fp8" / "nvfp4")) counts its codes and scales,
     a BF16 one (tied to the embedding or not) its BF16 matrix, once."""
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     cfg = model.config.get_text_config()
@@ -176,24 +180,30 @@ def measure_prefill(model: nn.Module, prompt_len: int, repeats: int = 3, **gener
     return prompt_len / _timed(lambda: gen(1), repeats)
 
 
-def adallm_label(quantize_lm_head: bool) -> str:
-    """The AdaLLM row's name in the results: "adallm", or "adallm+lm_head" when lm_head is NVFP4 too."""
-    return "adallm+lm_head" if quantize_lm_head else "adallm"
+def adallm_label(lm_head: str) -> str:
+    """The AdaLLM row's name in the results: "adallm" (lm_head dense), else "adallm+fp8_head" / "adallm+nvfp4_head"."""
+    return "adallm" if lm_head == "dense" else f"adallm+{lm_head}_head"
+
+
+# The table header's name of each lm_head kind (LM_HEADS; bench models are BF16).
+HEAD_NAMES = {"dense": "BF16", "fp8": "FP8", "nvfp4": "NVFP4"}
 
 
 def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 128, prefill_len: int = 2048,
-        baseline: bool = True, repeats: int = 3, context: int | None = None, quantize_lm_head: bool = False) -> dict:
+        baseline: bool = True, repeats: int = 3, context: int | None = None, lm_head: str = "dense") -> dict:
     """context: size every KV cache for this many tokens per sequence (generate's max_cache_len), so the
     peak memory shows what a long conversation needs; default: just the prompt and the new tokens.
-    quantize_lm_head: patch with adallm.patch(quantize_lm_head=True) (row "adallm+lm_head")."""
+    lm_head: patch with adallm.patch(lm_head=lm_head) (row adallm_label(lm_head))."""
     import adallm
+
+    check_lm_head(lm_head)  # before the baseline's minutes
 
     bw = copy_bandwidth()
     import transformers
 
     results: dict = dict(model=name, gpu=torch.cuda.get_device_name(), copy_bandwidth_GBs=bw / 1e9,
                          torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
-                         commit=git_commit(), context=context, quantize_lm_head=quantize_lm_head)
+                         commit=git_commit(), context=context, lm_head=lm_head)
     sized = {} if context is None else dict(max_cache_len=context)
     model = build_model(name)
     contexts = sorted({context or prompt_len + new_tokens, 8192, 32768})
@@ -209,9 +219,9 @@ def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 
         torch._dynamo.reset()
         gc.collect()
     torch.cuda.empty_cache()
-    adallm.patch(model, quantize_lm_head=quantize_lm_head)
+    adallm.patch(model, lm_head=lm_head)
     torch.cuda.empty_cache()
-    label = adallm_label(quantize_lm_head)
+    label = adallm_label(lm_head)
     rows[label] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw, **sized)
     results["rows"] = rows
     if baseline:
@@ -240,14 +250,14 @@ def _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, b
 
 
 def print_table(res: dict) -> None:
-    head = "lm_head NVFP4" if res.get("quantize_lm_head") else "lm_head BF16"
-    print(f"\n{res['model']} on {res['gpu']} (copy bandwidth {res['copy_bandwidth_GBs']:.0f} GB/s; AdaLLM {head})")
-    print(f"{'impl':14} {'batch':>5} {'ttft ms':>9} {'ms/step':>8} {'tok/s':>9} {'% floor':>8} {'peak GiB':>9}")
+    print(f"\n{res['model']} on {res['gpu']} (copy bandwidth {res['copy_bandwidth_GBs']:.0f} GB/s; AdaLLM lm_head "
+          f"{HEAD_NAMES[res['lm_head']]})")
+    print(f"{'impl':17} {'batch':>5} {'ttft ms':>9} {'ms/step':>8} {'tok/s':>9} {'% floor':>8} {'peak GiB':>9}")
     for impl, rows in res["rows"].items():
         for r in rows["decode"]:
-            print(f"{impl:14} {r['batch']:5d} {r['ttft_ms']:9.1f} {r['decode_ms_per_step']:8.2f} "
+            print(f"{impl:17} {r['batch']:5d} {r['ttft_ms']:9.1f} {r['decode_ms_per_step']:8.2f} "
                   f"{r['decode_tok_s']:9.1f} {r['pct_of_floor']:7.1f}% {r['peak_gib']:9.2f}")
-        print(f"{impl:14} weight floor {rows['weight_bytes_per_token'] / 2**30:.3f} GiB/token; "
+        print(f"{impl:17} weight floor {rows['weight_bytes_per_token'] / 2**30:.3f} GiB/token; "
               f"prefill {rows['prefill_tok_s']:.0f} tok/s (ttft {rows['prefill_ttft_ms']:.0f} ms)")
     for kv in res["kv_cache_per_sequence"]:
         print(f"KV cache, one sequence of {kv['context']} tokens: FP8 {kv['fp8_bytes'] / 2**20:.1f} MiB "
@@ -271,15 +281,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--context", type=int, help="size the KV caches for this many tokens per sequence (peak memory "
                    "of a long context); default: prompt + new tokens")
-    p.add_argument("--quantize-lm-head", action="store_true", help="patch with adallm.patch(quantize_lm_head=True): "
-                   "lm_head NVFP4 too (default: BF16); the row is labelled adallm+lm_head and the floor counts it "
-                   "at its NVFP4 size")
+    p.add_argument("--lm-head", choices=LM_HEADS, default="dense",
+                   help="patch with adallm.patch(lm_head=...): dense (default: BF16), fp8 or nvfp4; the row is "
+                   "labelled adallm, adallm+fp8_head or adallm+nvfp4_head and the floor counts lm_head at its size")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("adallm bench needs a CUDA GPU")
     res = run(a.model, tuple(int(b) for b in a.batches.split(",")), a.prompt_len, a.new_tokens, a.prefill_len,
-              not a.no_baseline, a.repeats, a.context, a.quantize_lm_head)
+              not a.no_baseline, a.repeats, a.context, a.lm_head)
     print_table(res)
     if a.out:
         with open(a.out, "w") as f:

@@ -23,7 +23,13 @@ RMS error on top of NVFP4's own 9.5%, up to 4.8% per block; ratio 0.93: +2.3%), 
     and a warning reports the largest relative change.
 Decoder projections that an NVFP4 checkpoint keeps unquantized (its exclude_modules / ignore) are
 quantized on load with the ModelOpt recipe, with a warning: AdaLLM's attention and MLP modules run NVFP4
-only. Embeddings, norms, MoE routers, lm_head (unless stored quantized) and vision towers stay as stored.
+only. Embeddings, norms, MoE routers and vision towers stay as stored; lm_head too unless from_pretrained's
+`lm_head` asks to quantize a stored dense head (FP8 or NVFP4, after the dense weights are in; a tied head from the
+embedding).
+
+An FP8 lm_head is a load-time choice: the ModelOpt format has no per-row FP8 weight-only entry, so save_pretrained
+writes it as a dense head (dequantized to the model's dtype; nothing where the config ties it to the embedding),
+and from_pretrained(..., lm_head="fp8") makes the same codes and scales from it again (bf16/fp16 models).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from torch import nn
 
 from . import compressed_tensors, modelopt, nvfp4
 from .formats import CheckpointError, QuantSpec, unsupported
-from .linear import NVFP4Linear
+from .linear import FP8Linear, NVFP4Linear
 from .mlp import NVFP4Experts
 from .safetensors_io import SafetensorsReader, write_sharded
 
@@ -359,43 +365,61 @@ def _default_device(device) -> torch.device:
     return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _tied_targets(model: nn.Module) -> dict[str, str]:
-    """{tied parameter: the parameter it shares} when the config ties the embeddings."""
+def _ties_embeddings(model: nn.Module) -> bool:
+    """Does the config tie lm_head to the input embedding (whatever lm_head has become since)?"""
     cfg = model.config
     tie = getattr(cfg, "tie_word_embeddings", None)
-    if tie is None:
-        tie = getattr(cfg.get_text_config(), "tie_word_embeddings", False)
-    return dict(getattr(model, "_tied_weights_keys", None) or {}) if tie else {}
+    return bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False) if tie is None else tie)
+
+
+def _tied_targets(model: nn.Module) -> dict[str, str]:
+    """{tied parameter: the parameter it shares} when the config ties the embeddings."""
+    return dict(getattr(model, "_tied_weights_keys", None) or {}) if _ties_embeddings(model) else {}
+
+
+def _stored_lm_head(src: Source) -> str:
+    """What the checkpoint stores lm_head as: "nvfp4" (packed) or "dense" (or nothing: tied to the embedding)."""
+    return "nvfp4" if src.spec is not None and src.has(src.fmt.tensor_names("lm_head")["scale"]) else "dense"
 
 
 def from_pretrained(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                    *, quantize_lm_head: bool = False, method: str = nvfp4.DEFAULT_METHOD, revision: str | None = None,
+                    *, lm_head: str | None = None, method: str = nvfp4.DEFAULT_METHOD, revision: str | None = None,
                     progress: bool = True) -> nn.Module:
     """Loads a Qwen3 / Qwen3-MoE / Gemma3 checkpoint as an AdaLLM-patched transformers model on `device`.
 
     name_or_path: local directory or Hub repo id. An NVFP4 checkpoint (ModelOpt or compressed-tensors) is
     loaded packed, as stored; an unquantized one is quantized on load, fused group by fused group on
-    `device` (peak memory: the NVFP4 model plus one layer's BF16 group), with `method` and
-    `quantize_lm_head` as in adallm.patch. dtype: activations and the unquantized tensors (embeddings,
-    norms, routers, excluded modules). device: default cuda when available, else cpu.
+    `device` (peak memory: the NVFP4 model plus one layer's BF16 group), with `method` as in adallm.patch.
+    lm_head: None (default) as stored (NVFP4 if the checkpoint stores it packed, else dense); "dense",
+    "fp8", "nvfp4" as in adallm.patch. A stored dense head (or, tied, the embedding) is quantized to "fp8" or
+    "nvfp4" (with `method`) on `device` once the dense weights are in, and the dense head is freed; a stored
+    NVFP4 head is only loaded as "nvfp4" (CheckpointError otherwise: it is not requantized or expanded).
+    dtype: activations and the unquantized tensors (embeddings, norms, routers, excluded modules).
+    device: default cuda when available, else cpu.
     Checkpoint activation scales (input_scale) and KV scales (k_scale / v_scale) are kept in
     `model.adallm_extra_tensors` so save_pretrained writes them back.
     """
-    from .patching import patch
+    from .patching import check_lm_head, patch, set_lm_head
 
+    if lm_head is not None:
+        check_lm_head(lm_head)
     device = _default_device(device)
     path = resolve(name_or_path, revision)
     config, raw = read_config(path)
     spec = detect_quantization(raw, path)
     reader = SafetensorsReader(path)
     src = Source(reader, spec, device, method)
-    if spec is not None:
-        quantize_lm_head = src.has(src.fmt.tensor_names("lm_head")["scale"])
+    stored = _stored_lm_head(src)
+    if stored == "nvfp4" and lm_head not in (None, "nvfp4"):
+        raise CheckpointError(f"adallm: {path} stores lm_head in NVFP4; it loads as stored (lm_head=None or "
+                              f"'nvfp4'), not as lm_head={lm_head!r} (that needs a checkpoint with a dense lm_head)")
     model = _skeleton(config, dtype)
-    patch(model, quantize_lm_head=quantize_lm_head, method=method, quantize=False)
+    patch(model, lm_head=stored, method=method, quantize=False)
 
     quantized = fill_nvfp4_modules(model, src, progress)
     _fill_rest(model, src, quantized)
+    if lm_head is not None and lm_head != stored:
+        set_lm_head(model, lm_head, method=method)
     leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"adallm: {path}: {len(leftover)} tensors of the model were not found in the "
@@ -503,13 +527,14 @@ def _nvfp4_tensors(model: nn.Module, extras: dict[str, torch.Tensor]) -> tuple[d
 
 
 def _exclude_patterns(model: nn.Module, quantized: list[str]) -> list[str]:
-    """ModelOpt exclude_modules for the projections left in BF16 (2-D `weight`, not an embedding): each is
-    named by its largest enclosing module that holds no NVFP4 module ("model.vision_tower*"), or itself."""
+    """ModelOpt exclude_modules for the projections written in BF16 (2-D `weight`, not an embedding; an FP8
+    lm_head, written dense): each is named by its largest enclosing module that holds no NVFP4 module
+    ("model.vision_tower*"), or itself."""
     qs = tuple(quantized)
     has_q = lambda p: any(q == p or q.startswith(p + ".") for q in qs)  # noqa: E731
     out: list[str] = []
     for path, mod in model.named_modules():
-        w = mod._parameters.get("weight") if path else None
+        w = (mod.weight if isinstance(mod, FP8Linear) else mod._parameters.get("weight")) if path else None
         if w is None or w.dim() != 2 or isinstance(mod, nn.Embedding) or path.startswith(qs):
             continue
         atoms = path.split(".")
@@ -531,6 +556,10 @@ def save_pretrained(model: nn.Module, save_directory: str, tokenizer=None, max_s
     v_scale that came with a loaded checkpoint are written back. quant_algo is "NVFP4" when every
     projection has its activation scale, else "W4A16_NVFP4" (weight-only: AdaLLM computes in BF16 and has
     no calibrated activation scales to offer a W4A4 runtime).
+    An FP8 lm_head (the format has no per-row FP8 weight-only entry) is written like a dense one: lm_head.weight
+    dequantized to the model's dtype, listed in exclude_modules; where the config ties lm_head to the embedding,
+    nothing is written for it. from_pretrained(..., lm_head="fp8") quantizes that dense head (or the embedding)
+    again: for a bf16/fp16 model, the same codes and scales.
     """
     extras = getattr(model, "adallm_extra_tensors", {})
     tensors, quantized = _nvfp4_tensors(model, extras)
@@ -538,10 +567,13 @@ def save_pretrained(model: nn.Module, save_directory: str, tokenizer=None, max_s
         raise ValueError("adallm: save_pretrained needs a model with NVFP4 modules (adallm.patch or "
                          "adallm.from_pretrained); this one has none")
     tied = _tied_targets(model)
-    inside = tuple(p + "." for p in quantized)
+    fp8 = [p for p, m in model.named_modules() if isinstance(m, FP8Linear)]
+    inside = tuple(p + "." for p in quantized + fp8)
     for name, t in model.state_dict().items():
         if not name.startswith(inside) and name not in tied:
             tensors[name] = t
+    if not _ties_embeddings(model):  # FP8Linear is only ever the lm_head: written dense, or not at all when tied
+        tensors.update({f"{p}.weight": model.get_submodule(p).dequantize(model.dtype) for p in fp8})
     kv = {k: v for k, v in extras.items() if k.endswith((".k_scale", ".v_scale"))}
     tensors.update({k: v.float().reshape(()) for k, v in kv.items()})
     has_input = all(k.replace(".weight_scale_2", ".input_scale") in tensors

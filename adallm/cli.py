@@ -8,6 +8,7 @@ import sys
 import torch
 
 from . import nvfp4
+from .patching import LM_HEADS
 
 
 def _gib(n: int) -> str:
@@ -16,10 +17,14 @@ def _gib(n: int) -> str:
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     from .checkpoint import from_pretrained, resolve, save_pretrained
+    if a.lm_head == "fp8":
+        raise SystemExit("adallm quantize: --lm-head fp8 cannot be stored (the ModelOpt format has no per-row FP8 "
+                         "weight-only entry): write the head dense (--lm-head dense, the default) and load it with "
+                         "--lm-head fp8 (adallm generate) or adallm.from_pretrained(..., lm_head=\"fp8\")")
     if a.method == "gptq":
         model = _quantize_gptq(a)
     else:
-        model = from_pretrained(a.src, device=a.device, quantize_lm_head=a.quantize_lm_head, method=a.method)
+        model = from_pretrained(a.src, device=a.device, lm_head=a.lm_head, method=a.method)
     save_pretrained(model, a.dst, tokenizer=_tokenizer(resolve(a.src), required=False),
                     max_shard_size=a.max_shard_size)
     print(f"adallm: wrote {a.dst}", file=sys.stderr)
@@ -40,7 +45,7 @@ def _quantize_gptq(a: argparse.Namespace):
     model = model.to(_default_device(a.device))
     print(f"adallm: sampling {a.calib_seqs} x {a.calib_len} calibration tokens", file=sys.stderr)
     ids = self_generated_calibration(model, n=a.calib_seqs, length=a.calib_len, bos_token_id=a.calib_bos)
-    return patch(model, method="gptq", calibration=ids, quantize_lm_head=a.quantize_lm_head)
+    return patch(model, method="gptq", calibration=ids, lm_head=a.lm_head or "dense")
 
 
 def _tokenizer(path: str, required: bool = True):
@@ -70,7 +75,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if a.seed is not None:
         torch.manual_seed(a.seed)
     tok = _tokenizer(resolve(a.model))
-    model = from_pretrained(a.model, device=a.device, progress=not a.quiet)
+    model = from_pretrained(a.model, device=a.device, lm_head=a.lm_head, progress=not a.quiet)
     device = next(model.parameters()).device
     inputs = prompt_inputs(tok, a.prompt, a.system, chat=not a.no_chat_template)
     sample = a.temperature > 0
@@ -127,7 +132,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-len", type=int, default=256, help="gptq: tokens per calibration sequence (default 256)")
     q.add_argument("--calib-bos", type=int, help="gptq: token id the calibration text starts from (default: the "
                    "model's BOS)")
-    q.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: keep BF16)")
+    q.add_argument("--lm-head", choices=LM_HEADS, help="lm_head in DST: dense (the model's dtype) or nvfp4 "
+                   "(quantized with --method; smaller and faster, less accurate); default: as SRC stores it, i.e. "
+                   "dense for a BF16 checkpoint. fp8 cannot be stored: write dense, then `adallm generate "
+                   "--lm-head fp8` (or adallm.from_pretrained(..., lm_head=\"fp8\")) quantizes it on load")
     q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     q.set_defaults(fn=cmd_quantize)
 
@@ -144,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="device (default: cuda if available, else cpu)")
     g.add_argument("--system", help="system message for the chat template")
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    g.add_argument("--lm-head", choices=LM_HEADS, help="lm_head as: dense, fp8 (e4m3 with a scale per row, "
+                   "quantized on load: half a BF16 head's bytes, little accuracy lost) or nvfp4 (quantized on load "
+                   "if stored dense); default: as MODEL stores it (an NVFP4 head only loads as nvfp4)")
     g.add_argument("--quiet", action="store_true", help="no loading progress bar")
     g.set_defaults(fn=cmd_generate)
 

@@ -61,7 +61,8 @@ class ModelOptNVFP4Quantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("adallm: the modelopt quantizer loads safetensors checkpoints; none were found")
         self.reader = SafetensorsReader(os.path.dirname(checkpoint_files[0]))
-        patch(model, quantize=False, quantize_lm_head="lm_head.weight_scale" in self.reader)
+        # lm_head as stored: packed NVFP4 or dense
+        patch(model, quantize=False, lm_head="nvfp4" if "lm_head.weight_scale" in self.reader else "dense")
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | set(_UNEXPECTED)
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(_MISSING)
 

@@ -9,9 +9,10 @@ Module names after patching (what checkpoint code reads and writes), per decoder
     self_attn.q_norm / k_norm            unchanged (BF16)
     mlp.gate_up_proj     NVFP4Linear(parts=("gate_proj", "up_proj")),  mlp.down_proj  NVFP4Linear
     MoE: mlp.gate (router, BF16 weight unchanged), mlp.experts  NVFP4Experts (buffers in adallm/mlp.py)
-and `lm_head` becomes an NVFP4Linear when quantize_lm_head=True. Embeddings and norms stay as they are: where
-the config ties lm_head to the input embedding (Gemma3), the NVFP4 lm_head is a new module quantized from the
-shared matrix, the embedding keeps its exact weights, and lm_head is taken out of transformers' tie map.
+and `lm_head` as `patch(lm_head=...)` picks (LM_HEADS): "dense" keeps the model's nn.Linear, "fp8" makes it an
+FP8Linear (e4m3, one fp32 scale per row), "nvfp4" an NVFP4Linear. Embeddings and norms stay as they are: where the
+config ties lm_head to the input embedding (Gemma3), a quantized lm_head is a new module quantized from the shared
+matrix, the embedding keeps its exact weights, and lm_head is taken out of transformers' tie map.
 """
 from __future__ import annotations
 
@@ -24,19 +25,21 @@ from .integrations import Family, families
 from .generation import use_graph_decode_in_generate
 from .kv_cache import use_fp8_cache_in_generate
 from . import nvfp4
-from .linear import NVFP4Linear
+from .linear import FP8Linear, NVFP4Linear
 from .mlp import NVFP4Experts, NVFP4MLP
 
-__all__ = ["patch", "supported_architectures"]
+__all__ = ["patch", "supported_architectures", "LM_HEADS"]
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # the 4-D masks AdaLLM's attention reads
+# What lm_head can be: the model's own nn.Linear (its dtype), FP8Linear, NVFP4Linear (set_lm_head).
+LM_HEADS = ("dense", "fp8", "nvfp4")
 
 
 def supported_architectures() -> list[str]:
     return [cls.__name__ for f in families() for cls in f.architectures]
 
 
-def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvfp4.DEFAULT_METHOD,
+def patch(model: nn.Module, *, lm_head: str = "dense", method: str = nvfp4.DEFAULT_METHOD,
           calibration: torch.Tensor | None = None, quantize: bool = True, progress: bool = True) -> nn.Module:
     """Swaps the decoder's linears for NVFP4 modules (in place, layer by layer) and returns the model.
 
@@ -49,11 +52,15 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
     quantized in order, each from hessians of its inputs on that text with the earlier layers already
     quantized (adallm/calibration.py); the model must be bfloat16/float16 (the quantized layers run through
     the adallm ops). Extra peak memory: the calibration activations and one layer's hessians.
-    quantize_lm_head: also make lm_head NVFP4 (default: it stays in the model's dtype); a tied input embedding
-    stays exact (see this module's docstring).
+    lm_head (one of LM_HEADS): "dense" (default) keeps lm_head in the model's dtype; "fp8" makes it an FP8Linear
+    (e4m3 [V, H], fp32 scale [V]: half a BF16 head's bytes, little accuracy lost), always quantized with
+    round-to-nearest per row whatever `method` is (gptq's lm_head hessian serves "nvfp4" only); "nvfp4" makes
+    it an NVFP4Linear quantized with `method` (0.28x a BF16 head's bytes; costs more accuracy: README, Quantizers).
+    A tied input embedding stays exact (see this module's docstring).
     After patching, `model.generate` uses an Fp8KVCache unless the call passes a cache or a cache_implementation,
     and on CUDA decodes with CUDA-graph steps and no host sync per token (adallm/generation.py).
     """
+    check_lm_head(lm_head)
     family = _family_of(model)
     text = family.text_model(model)
     config = text.config
@@ -92,16 +99,46 @@ def patch(model: nn.Module, *, quantize_lm_head: bool = False, method: str = nvf
             lm_head_hessian = None
         else:
             lm_head_hessian = quantize_layers(text, calibration, patch_layer, progress)
-        if quantize_lm_head:
-            model.lm_head = _linear([model.lm_head], (), quantize, method, lm_head_hessian)
-            _untie_lm_head(model)
+        set_lm_head(model, lm_head, quantize, method, lm_head_hessian)
     use_fp8_cache_in_generate(model)
     use_graph_decode_in_generate(model)
     return model
 
 
+def check_lm_head(lm_head: str) -> None:
+    """Raises ValueError naming LM_HEADS unless lm_head is one of them."""
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"adallm: lm_head={lm_head!r}; choose one of {LM_HEADS}")
+
+
+def lm_head_module(head: nn.Linear, lm_head: str, quantize: bool = True, method: str = nvfp4.DEFAULT_METHOD,
+                   hessian: torch.Tensor | None = None) -> nn.Module:
+    """`head` (an nn.Linear [V, H] without bias; its weight may be the tied input embedding) as `lm_head` names
+    (LM_HEADS): "dense" -> head itself; "fp8" -> a new FP8Linear (round-to-nearest per row, whatever `method`);
+    "nvfp4" -> a new NVFP4Linear quantized with `method` (hessian fp32 [H, H]: gptq's, of the final norm's
+    output). Quantized on head's device; quantize=False: empty, on head's device (may be "meta"), for a loader
+    to fill. `head` itself is not changed."""
+    check_lm_head(lm_head)
+    if lm_head == "dense":
+        return head
+    if lm_head == "fp8":
+        return FP8Linear.from_dense(head) if quantize else \
+            FP8Linear(head.in_features, head.out_features, device=head.weight.device)
+    return _linear([head], (), quantize, method, hessian)
+
+
+def set_lm_head(model: nn.Module, lm_head: str, quantize: bool = True, method: str = nvfp4.DEFAULT_METHOD,
+                hessian: torch.Tensor | None = None) -> None:
+    """model.lm_head = lm_head_module(model.lm_head, ...). A quantized head replaces the dense one (which is
+    freed, unless it is the tied embedding: that stays exact) and leaves transformers' tie map."""
+    head = lm_head_module(model.lm_head, lm_head, quantize, method, hessian)
+    if head is not model.lm_head:
+        model.lm_head = head
+        _untie_lm_head(model)
+
+
 def _untie_lm_head(model: nn.Module) -> None:
-    """lm_head is an NVFP4Linear now (its `weight` buffer holds packed codes), no longer the input embedding's
+    """lm_head is a quantized module now (its `weight` buffer holds codes), no longer the input embedding's
     Parameter: drops it from the model's tie maps, so that transformers' tie_weights() (called by
     from_pretrained after loading, by resize_token_embeddings, or by the user) neither puts the BF16 embedding
     into lm_head.weight nor fails on it. The embedding itself is not touched."""

@@ -11,6 +11,9 @@ Layouts (the canonical on-disk layouts; kernels read them as they are, nothing i
     weight_scale         float8_e4m3fn  [N, K/16]  one scale per 16 consecutive elements along K
     weight_global_scale  float32        []         per-tensor scale
     w[n, k] = e2m1(code[n, k]) * float(weight_scale[n, k // 16]) * weight_global_scale
+  FP8 weight [N, K] (the lm_head's option; the same per-row recipe as the KV cache, reference.fp8_quantize_rows):
+    weight               float8_e4m3fn  [N, K]
+    weight_scale         float32        [N]        w[n, k] = float(weight[n, k]) * weight_scale[n]
   FP8 KV cache (one per layer, for K and for V):
     cache                float8_e4m3fn  [B, Hkv, L, D]  token at absolute cache position p sits in slot p % L
                                                         (a global layer has L = max length, so slot = p;
@@ -30,6 +33,7 @@ _defs = {
         "nvfp4_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, "
         "Tensor? bias) -> Tensor"
     ),
+    "fp8_linear": "fp8_linear(Tensor x, Tensor weight, Tensor weight_scale) -> Tensor",
     "nvfp4_quantize": "nvfp4_quantize(Tensor x, Tensor global_scale) -> (Tensor, Tensor)",
     "nvfp4_moe_linear": (
         "nvfp4_moe_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, "
@@ -87,6 +91,19 @@ def check_nvfp4_weight(weight: torch.Tensor, weight_scale: torch.Tensor, global_
     return n, k
 
 
+def check_fp8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[int, int]:
+    """Validates an FP8 weight pair (e4m3 [N, K], fp32 [N]); returns (N, K)."""
+    _require(weight.dtype == torch.float8_e4m3fn, f"weight must be float8_e4m3fn, got {weight.dtype}")
+    _require(weight_scale.dtype == torch.float32, f"weight_scale must be float32, got {weight_scale.dtype}")
+    _require(weight.dim() == 2, f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    _require(k % 16 == 0, f"K = {k} must be a multiple of 16")
+    _require(tuple(weight_scale.shape) == (n,), f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}")
+    _require(weight.is_contiguous() and weight_scale.is_contiguous(), "weight and weight_scale must be contiguous")
+    _require(weight.device == weight_scale.device, "weight and weight_scale must be on one device")
+    return n, k
+
+
 def check_activation(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
     _require(x.dtype in (torch.bfloat16, torch.float16), f"x must be bfloat16 or float16, got {x.dtype}")
     _require(x.shape[-1] == k, f"x has K = {x.shape[-1]} but the weight has K = {k}")
@@ -127,6 +144,22 @@ def _(x, weight, weight_scale, weight_global_scale, bias):
     check_activation(x, k, weight)
     if bias is not None:
         _require(bias.shape == (n,) and bias.dtype == x.dtype, f"bias must be {x.dtype} [{n}]")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """y = x @ (weight * weight_scale[:, None]).T, the FP8 weight-only linear (W8A16) of an FP8 lm_head.
+
+    x: bf16/fp16 [..., K]; weight: float8_e4m3fn [N, K]; weight_scale: fp32 [N]. Returns x.dtype [..., N].
+    Example: y = fp8_linear(torch.randn(1, 64, dtype=torch.bfloat16), w, s)  # w [N, 64], s [N] -> y [1, N]
+    """
+    return torch.ops.adallm.fp8_linear(x, weight, weight_scale)
+
+
+@torch.library.register_fake("adallm::fp8_linear")
+def _(x, weight, weight_scale):
+    n, k = check_fp8_weight(weight, weight_scale)
+    check_activation(x, k, weight)
     return x.new_empty((*x.shape[:-1], n))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import (E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, _require, check_activation, check_decode_attention_args,
+from .ops import (E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, _require, check_activation, check_decode_attention_args, check_fp8_weight,
                   check_kv_write_args, check_nvfp4_weight, check_qk_norm_rope_args, check_quantize_args,
                   check_router_args)
 
@@ -75,6 +75,13 @@ def nvfp4_linear(x, weight, weight_scale, weight_global_scale, bias):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+@torch.library.impl("adallm::fp8_linear", "CPU")
+def fp8_linear(x, weight, weight_scale):
+    _, k = check_fp8_weight(weight, weight_scale)
+    check_activation(x, k, weight)
+    return ((x.float() @ weight.float().t()) * weight_scale).to(x.dtype)
 
 
 @torch.library.impl("adallm::nvfp4_moe_linear", "CPU")

@@ -6,7 +6,7 @@
 # of benchmarks/results/*_experiment.txt were run this way).
 #   bash benchmarks/ab.sh PATCH ROUNDS COMMAND...
 #   bash benchmarks/ab.sh benchmarks/results/pdl_candidate.diff 2 \
-#       python3 benchmarks/e2e.py qwen3-8b --no-baseline --batches 1 --quantize-lm-head
+#       python3 benchmarks/e2e.py qwen3-8b --no-baseline --batches 1 --lm-head nvfp4
 # COMMAND sees VARIANT=a or b. The candidate's tree stays in $AB_DIR/b (default /tmp/adallm_ab) for its tests:
 #   (cd /tmp/adallm_ab/b && TORCH_EXTENSIONS_DIR=/tmp/adallm_ab/ext_b bash benchmarks/gpu_check.sh tests sanitize)
 set -euo pipefail

@@ -7,10 +7,12 @@ token sequences:
   fake/kv              attention reads K/V rounded through the FP8 cache numerics (e4m3, one scale per
                        token and head: adallm_ops.reference.fp8_quantize_rows), i.e. what a decode step sees
   fake/w-<method>+kv   both
-  fake/w-<method>+lm_head   (--lm-head) fake/w-<method> with lm_head NVFP4 too (same method; gptq: from the
-                       hessian of the final norm's output, as adallm.patch(quantize_lm_head=True) does). Gemma3
-                       ties lm_head to the input embedding: the quantized head is a separate module, the embedding
-                       stays exact
+  fake/w-<method>+<head>_head   (--lm-head HEADS, head fp8 or nvfp4) fake/w-<method> with lm_head quantized as
+                       adallm.patch(lm_head=head) does (nvfp4: same method, gptq from the hessian of the final
+                       norm's output; fp8: e4m3 with one scale per row, round-to-nearest). Gemma3 ties lm_head to
+                       the input embedding: the quantized head is a separate module, the embedding stays exact.
+                       (JSON written before the FP8 head existed names the NVFP4-head rows fake/w-<method>+lm_head
+                       and adallm/w-<method>+lm_head, their summary keys *_lm_head_*, and has "lm_head_rows": true.)
   (method "gptq" calibrates on text the model samples itself, --calib-seqs x --calib-len tokens, layer by
   layer as adallm.patch does, adallm.calibration; fake/w-gptq follows the same sequential recipe with dense
   layers carrying the fake-quantized weights)
@@ -18,7 +20,8 @@ token sequences:
   adallm/w-<method>+kv the same, each chunk fed through its Fp8KVCache (--kv-piece tokens per forward; 1 =
                        every token a decode step through adallm::fp8_decode_attention); generation uses it
                        as `generate` does by default
-  adallm/w-<method>+lm_head (--lm-head) adallm.patch(..., quantize_lm_head=True): lm_head an NVFP4Linear too
+  adallm/w-<method>+<head>_head (--lm-head HEADS) adallm.patch(..., lm_head=head): lm_head an FP8Linear /
+                       NVFP4Linear too
   fake/w-gptq@adallm   the adallm gptq model's own NVFP4 weights, dequantized into the plain model: gptq's
                        choices depend on the calibration activations, which the kernels round slightly
                        differently from the dense fake-quant, so this, not fake/w-gptq, checks the kernels
@@ -39,6 +42,7 @@ file in transformers also needs accelerate). Nothing is downloaded at run time.
   python benchmarks/accuracy.py --device cpu --out benchmarks/results/accuracy_cpu.json
   python benchmarks/accuracy.py --device cuda --out benchmarks/results/accuracy_cuda.json
   python benchmarks/accuracy.py --device cpu --quick --methods mse --no-kv --lm-head   # + lm_head NVFP4 rows
+  python benchmarks/accuracy.py --device cpu --quick --methods mse --no-kv --lm-head fp8,nvfp4   # + both heads
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ import adallm
 from adallm import nvfp4
 from adallm.bench import git_commit
 from adallm.calibration import quantize_layers, self_generated_calibration
+from adallm.patching import LM_HEADS, lm_head_module
 from adallm_ops.reference import fp8_quantize_rows
 
 TEXT_PATH = Path(__file__).parent / "data" / "gpl-3.0.txt"
@@ -68,6 +73,7 @@ FP8_KV_ATTENTION = "adallm_fake_fp8_kv"
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)), ("mlp", ("gate_proj", "up_proj")),
           ("mlp", ("down_proj",)))
 FUSED_NAMES = {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj"}  # adallm.patch's module per group (first linear)
+QUANTIZED_HEADS = tuple(h for h in LM_HEADS if h != "dense")  # what --lm-head adds rows for
 LOGIT_SLICE = 256  # tokens per lm_head slice: [256, 262144] fp32 logits are 268 MB
 
 
@@ -173,10 +179,11 @@ def fake_quant_weights(model, method: str, calibration: torch.Tensor | None = No
     return out
 
 
-def fake_quant_lm_head(model, method: str, hessian: torch.Tensor | None = None) -> torch.Tensor:
-    """lm_head's weight NVFP4-quantized with `method` (its own global scale) and dequantized (model dtype)."""
+def fake_quant_lm_head(model, head: str, method: str, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """lm_head's weight quantized as adallm.patch(lm_head=head) does ("fp8": per row; "nvfp4": with `method`, its
+    own global scale, gptq from `hessian`) and dequantized (model dtype); the model is unchanged."""
     w = model.lm_head.weight
-    return nvfp4.quantize(w.detach().float(), method=method, hessian=hessian).dequantize(w.dtype)
+    return lm_head_module(model.lm_head, head, method=method, hessian=hessian).dequantize(w.dtype)
 
 
 @contextlib.contextmanager
@@ -322,13 +329,13 @@ def adallm_weights(patched, model) -> dict[nn.Linear, torch.Tensor]:
     return out
 
 
-def adallm_model(model, method: str, calibration: torch.Tensor | None = None, quantize_lm_head: bool = False):
+def adallm_model(model, method: str, calibration: torch.Tensor | None = None, lm_head: str = "dense"):
     """The real adallm model: a copy of `model` patched by adallm.patch with NVFP4 weights from `method`
-    ("gptq": calibrated on the `calibration` ids, layer by layer), lm_head too if quantize_lm_head."""
+    ("gptq": calibrated on the `calibration` ids, layer by layer), lm_head as adallm.patch(lm_head=lm_head)."""
     import copy
 
     return adallm.patch(copy.deepcopy(model), method=method, calibration=calibration, progress=False,
-                        quantize_lm_head=quantize_lm_head)
+                        lm_head=lm_head)
 
 
 @torch.inference_mode()
@@ -399,11 +406,11 @@ def run(args) -> dict:
         candidate(f"fake/w-{method}", lambda w=weights: fake(w, False))
         if not args.no_kv:
             candidate(f"fake/w-{method}+kv", lambda w=weights: fake(w, True))
-        if args.lm_head:
+        for head in args.lm_head:
             t = time.time()
-            head_w = fake_quant_lm_head(model, method, hess.get("lm_head"))
-            log(f"lm_head quantized with {method} in {time.time() - t:.1f}s")
-            candidate(f"fake/w-{method}+lm_head", lambda w=weights, hw=head_w: fake(w, False, hw),
+            head_w = fake_quant_lm_head(model, head, method, hess.get("lm_head"))
+            log(f"lm_head quantized to {head} in {time.time() - t:.1f}s")
+            candidate(f"fake/w-{method}+{head}_head", lambda w=weights, hw=head_w: fake(w, False, hw),
                       head=lambda x, w=head_w: F.linear(x, w))
             del head_w
         del weights, hess
@@ -428,11 +435,11 @@ def run(args) -> dict:
                     candidate("fake/w-gptq@adallm", lambda: fake(own, False))
                     del own
                 del patched
-                if args.lm_head:
+                for head in args.lm_head:
                     t = time.time()
-                    patched = adallm_model(model, method, calib if method == "gptq" else None, quantize_lm_head=True)
-                    log(f"adallm.patch with {method}, quantize_lm_head=True in {time.time() - t:.1f}s")
-                    candidate(f"adallm/w-{method}+lm_head", lambda: (
+                    patched = adallm_model(model, method, calib if method == "gptq" else None, lm_head=head)
+                    log(f"adallm.patch with {method}, lm_head={head!r} in {time.time() - t:.1f}s")
+                    candidate(f"adallm/w-{method}+{head}_head", lambda: (
                         hidden_states(patched, batch),
                         greedy(patched, prompt, args.new_tokens, cache_implementation="dynamic")),
                         head=patched.lm_head)
@@ -457,7 +464,7 @@ def run(args) -> dict:
 
 def summary(metrics: dict, methods: list[str]) -> dict:
     """The issue's checks, per method: KL vs RTN's, KL the FP8 KV cache adds, adallm's KL over fake-quant's, and
-    (--lm-head) the KL and top-1 change an NVFP4 lm_head adds."""
+    (--lm-head) the KL and top-1 change each quantized lm_head adds."""
     out = {}
     for m in methods:
         s = {}
@@ -467,10 +474,11 @@ def summary(metrics: dict, methods: list[str]) -> dict:
                 s[f"{kind}_kv_added_kl"] = wkv["kl"] - w["kl"]
                 s[f"{kind}_kv_added_kl_past_window"] = wkv["kl_past_window"] - w["kl_past_window"]
         for kind in ("fake", "adallm"):  # what quantizing lm_head adds on top of the weights-only row
-            w, wh = metrics.get(f"{kind}/w-{m}"), metrics.get(f"{kind}/w-{m}+lm_head")
-            if w and wh:
-                s[f"{kind}_lm_head_added_kl"] = wh["kl"] - w["kl"]
-                s[f"{kind}_lm_head_top1_change"] = wh["top1"] - w["top1"]
+            for head in QUANTIZED_HEADS:
+                w, wh = metrics.get(f"{kind}/w-{m}"), metrics.get(f"{kind}/w-{m}+{head}_head")
+                if w and wh:
+                    s[f"{kind}_{head}_head_added_kl"] = wh["kl"] - w["kl"]
+                    s[f"{kind}_{head}_head_top1_change"] = wh["top1"] - w["top1"]
         if "fake/w-rtn" in metrics and f"fake/w-{m}" in metrics:
             s["kl_vs_rtn"] = metrics[f"fake/w-{m}"]["kl"] / metrics["fake/w-rtn"]["kl"]
             s["top1_minus_rtn"] = metrics[f"fake/w-{m}"]["top1"] - metrics["fake/w-rtn"]["top1"]
@@ -478,8 +486,10 @@ def summary(metrics: dict, methods: list[str]) -> dict:
         same = f"fake/w-{m}@adallm" if f"fake/w-{m}@adallm" in metrics else f"fake/w-{m}"
         if f"adallm/w-{m}" in metrics and same in metrics:
             s["adallm_kl_over_fake"] = metrics[f"adallm/w-{m}"]["kl"] / metrics[same]["kl"]
-        if f"adallm/w-{m}+lm_head" in metrics and f"fake/w-{m}+lm_head" in metrics:  # gptq: hessians differ slightly
-            s["adallm_lm_head_kl_over_fake"] = metrics[f"adallm/w-{m}+lm_head"]["kl"] / metrics[f"fake/w-{m}+lm_head"]["kl"]
+        for head in QUANTIZED_HEADS:  # gptq: hessians differ slightly
+            a, f = metrics.get(f"adallm/w-{m}+{head}_head"), metrics.get(f"fake/w-{m}+{head}_head")
+            if a and f:
+                s[f"adallm_{head}_head_kl_over_fake"] = a["kl"] / f["kl"]
         if same != f"fake/w-{m}" and same in metrics and f"fake/w-{m}" in metrics:
             s["fake_kl_adallm_weights_over_fake_recipe"] = metrics[same]["kl"] / metrics[f"fake/w-{m}"]["kl"]
         out[m] = s
@@ -512,9 +522,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-kv", action="store_true", help="skip the FP8 KV configurations")
     p.add_argument("--adallm", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the real adallm model (adallm.patch; needs --dtype bfloat16 on cpu)")
-    p.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False,
-                   help="also the rows with lm_head NVFP4 too (fake/w-<method>+lm_head, and adallm/w-<method>+lm_head "
-                        "with --adallm): adallm.patch(quantize_lm_head=True)")
+    p.add_argument("--lm-head", nargs="?", const="nvfp4", default="", metavar="HEADS",
+                   help=f"also the rows with a quantized lm_head, comma-separated among {','.join(QUANTIZED_HEADS)} "
+                        "(--lm-head alone: nvfp4): fake/w-<method>+<head>_head, and adallm/w-<method>+<head>_head "
+                        "with --adallm: adallm.patch(lm_head=<head>)")
     p.add_argument("--kv-piece", type=int, default=None,
                    help="tokens per forward through the FP8 cache in adallm/...+kv (default: 1 on cuda, i.e. "
                         "every token a decode step; 64 on cpu, where per-token decode of the whole text is too slow)")
@@ -522,6 +533,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="write the JSON result here")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    args.lm_head = [h for h in args.lm_head.split(",") if h]
+    if not set(args.lm_head) <= set(QUANTIZED_HEADS):
+        p.error(f"--lm-head takes heads among {','.join(QUANTIZED_HEADS)}, got {','.join(args.lm_head)}")
     if args.quick:
         args.chunk_len, args.chunks, args.prompts, args.new_tokens = 640, 2, 2, 16
     if args.kv_piece is None:

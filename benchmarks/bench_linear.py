@@ -1,11 +1,12 @@
-"""NVFP4 linear / routed-expert kernels vs cuBLAS BF16 on real layer shapes (DESIGN.md protocol).
+"""NVFP4 linear / routed-expert kernels and the FP8 lm_head vs cuBLAS BF16 on real layer shapes (DESIGN.md protocol).
 
 One process, one GPU; baseline (F.linear on BF16 weights) and candidate on the same inputs. Every timed
 call reads a different copy of the weights, from a set larger than L2 (cold weights, as in a real decode
 step). Calls are captured in a CUDA graph (launch overhead out, as in graph-mode decode) and timed with
 CUDA events; the median over repeats is reported per call. The floor: bytes moved (packed weights +
 scales + x + y) / copy bandwidth, the copy bandwidth measured in the same run (large D2D copy, read +
-write bytes).
+write bytes). Each JSON row names its op (nvfp4_linear, nvfp4_moe_linear, fp8_linear) and its time (t_us), bytes
+and rate; files written before the FP8 rows existed called these t_nvfp4_us, bytes_nvfp4, gbs_nvfp4, tflops_nvfp4.
 
   python benchmarks/bench_linear.py [--out benchmarks/results/linear.json] [--quick] [--decode]
 """
@@ -32,12 +33,14 @@ DENSE = [
     ("qwen3-8b", "qkv", 6144, 4096),
     ("qwen3-8b", "gate_up", 24576, 4096),
     ("qwen3-8b", "down", 4096, 12288),
-    ("qwen3-8b", "lm_head", 151936, 4096),  # quantized with --quantize-lm-head
+    ("qwen3-8b", "lm_head", 151936, 4096),  # NVFP4 with --lm-head nvfp4
     ("gemma3-27b", "qkv", 8192, 5376),
     ("gemma3-27b", "o", 5376, 4096),
     ("gemma3-27b", "gate_up", 43008, 5376),
     ("gemma3-27b", "down", 5376, 21504),
 ]
+# lm_heads for the FP8 option (--lm-head fp8): decode only (generate's prefill computes the last token's logits).
+FP8 = [("qwen3-8b", "lm_head", 151936, 4096), ("gemma3-27b", "lm_head", 262208, 5376)]
 # Qwen3-30B-A3B routed experts: 128 experts, top-8.
 MOE = [("qwen3-30b-a3b", "expert gate_up", 1536, 2048), ("qwen3-30b-a3b", "expert down", 2048, 768)]
 MOE_E, MOE_TOPK = 128, 8
@@ -80,27 +83,39 @@ def n_copies(bytes_one, l2):
     return max(2, math.ceil(4 * l2 / bytes_one))
 
 
-def bench_dense(n, k, ms, l2, quick):
+def random_fp8(n, k, copies):
+    w = torch.randint(0, 0x7F, (copies, n, k), dtype=torch.uint8, device=DEV).view(torch.float8_e4m3fn)
+    return w, torch.rand(copies, n, device=DEV) * 1e-3
+
+
+def bench_dense(n, k, ms, l2, quick, fmt="nvfp4"):
+    """fmt: "nvfp4" (nvfp4_linear) or "fp8" (fp8_linear), each against F.linear on BF16 weights."""
     rows = []
-    nv_bytes = n * k // 2 + n * k // 16
+    q_bytes = n * k // 2 + n * k // 16 if fmt == "nvfp4" else n * k + 4 * n
     bf_bytes = n * k * 2
-    cn, cb = n_copies(nv_bytes, l2), n_copies(bf_bytes, l2)
-    w, s, g = random_nvfp4(n, k, cn)
+    cn, cb = n_copies(q_bytes, l2), n_copies(bf_bytes, l2)
+    if fmt == "nvfp4":
+        w, s, g = random_nvfp4(n, k, cn)
+        def op(x, i):
+            return torch.ops.adallm.nvfp4_linear(x, w[i], s[i], g[i], None)
+    else:
+        w, s = random_fp8(n, k, cn)
+        def op(x, i):
+            return torch.ops.adallm.fp8_linear(x, w[i], s[i])
     wb = torch.randn(cb, n, k, device=DEV, dtype=torch.bfloat16) * 0.02
     for m in ms:
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         calls = max(cn, 8 if m >= 512 else 32)
-        nv = [lambda i=i: torch.ops.adallm.nvfp4_linear(x, w[i % cn], s[i % cn], g[i % cn], None)
-              for i in range(calls)]
+        q = [lambda i=i: op(x, i % cn) for i in range(calls)]
         calls_b = max(cb, 8 if m >= 512 else 32)
         bf = [lambda i=i: F.linear(x, wb[i % cb]) for i in range(calls_b)]
         reps = 5 if quick else 10
-        t_nv, t_bf = median_time_us(nv, reps), median_time_us(bf, reps)
+        t_q, t_bf = median_time_us(q, reps), median_time_us(bf, reps)
         io = m * k * 2 + m * n * 2
-        rows.append(dict(m=m, t_nvfp4_us=t_nv, t_bf16_us=t_bf, bytes_nvfp4=nv_bytes + io, bytes_bf16=bf_bytes + io,
+        rows.append(dict(m=m, t_us=t_q, t_bf16_us=t_bf, bytes=q_bytes + io, bytes_bf16=bf_bytes + io,
                          flops=2 * m * n * k))
         del x
-    del w, s, g, wb
+    del w, s, wb
     torch.cuda.empty_cache()
     return rows
 
@@ -126,8 +141,8 @@ def bench_moe(n, k, tokens, quick):
         pairs = t * MOE_TOPK
         distinct = len({e for row in host_ids[0] for e in row})
         io = t * k * 2 + pairs * n * 2
-        rows.append(dict(m=t, t_nvfp4_us=t_nv, t_bf16_us=t_bf, pairs=pairs,
-                         bytes_nvfp4=pairs * (n * k // 2 + n * k // 16) + io,
+        rows.append(dict(m=t, t_us=t_nv, t_bf16_us=t_bf, pairs=pairs,
+                         bytes=pairs * (n * k // 2 + n * k // 16) + io,
                          bytes_bf16=distinct * n * k * 2 + io, flops=2 * pairs * n * k))
     del w, s, g, wb
     torch.cuda.empty_cache()
@@ -151,23 +166,26 @@ def main():
         prefill = [] if args.quick or args.decode or layer == "lm_head" else PREFILL_M
         for r in bench_dense(n, k, DECODE_M + prefill, l2, args.quick):
             results.append(dict(model=model, layer=layer, n=n, k=k, op="nvfp4_linear", **r))
+    for model, layer, n, k in [] if args.quick else FP8:
+        for r in bench_dense(n, k, DECODE_M, l2, args.quick, fmt="fp8"):
+            results.append(dict(model=model, layer=layer, n=n, k=k, op="fp8_linear", **r))
     for model, layer, n, k in MOE:
         for r in bench_moe(n, k, [1, 4], args.quick):
             results.append(dict(model=model, layer=layer, n=n, k=k, op="nvfp4_moe_linear", **r))
 
-    hdr = (f"{'model':13} {'layer':15} {'N':>6} {'K':>6} {'M':>5} {'nvfp4 us':>9} {'GB/s':>6} {'%copy':>6} "
+    hdr = (f"{'model':13} {'layer':15} {'op':17} {'N':>6} {'K':>6} {'M':>5} {'us':>9} {'GB/s':>6} {'%copy':>6} "
            f"{'bf16 us':>9} {'x bf16':>7} {'TFLOP/s':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        r["gbs_nvfp4"] = r["bytes_nvfp4"] / r["t_nvfp4_us"] / 1e3
-        r["pct_copy_bw"] = 100 * r["gbs_nvfp4"] / bw
-        r["speedup_vs_bf16"] = r["t_bf16_us"] / r["t_nvfp4_us"]
-        r["tflops_nvfp4"] = r["flops"] / r["t_nvfp4_us"] / 1e6
+        r["gbs"] = r["bytes"] / r["t_us"] / 1e3
+        r["pct_copy_bw"] = 100 * r["gbs"] / bw
+        r["speedup_vs_bf16"] = r["t_bf16_us"] / r["t_us"]
+        r["tflops"] = r["flops"] / r["t_us"] / 1e6
         r["tflops_bf16"] = r["flops"] / r["t_bf16_us"] / 1e6
-        print(f"{r['model']:13} {r['layer']:15} {r['n']:>6} {r['k']:>6} {r['m']:>5} {r['t_nvfp4_us']:>9.1f} "
-              f"{r['gbs_nvfp4']:>6.0f} {r['pct_copy_bw']:>5.1f}% {r['t_bf16_us']:>9.1f} {r['speedup_vs_bf16']:>6.2f}x "
-              f"{r['tflops_nvfp4']:>8.1f}")
+        print(f"{r['model']:13} {r['layer']:15} {r['op']:17} {r['n']:>6} {r['k']:>6} {r['m']:>5} {r['t_us']:>9.1f} "
+              f"{r['gbs']:>6.0f} {r['pct_copy_bw']:>5.1f}% {r['t_bf16_us']:>9.1f} {r['speedup_vs_bf16']:>6.2f}x "
+              f"{r['tflops']:>8.1f}")
     meta = dict(gpu=props.name, sm_count=props.multi_processor_count, l2_bytes=l2, torch=torch.__version__,
                 cuda=torch.version.cuda, commit=git_commit(), copy_bandwidth_gbs=bw,
                 method="CUDA graph of calls over rotated weight copies (> 4x L2), CUDA events, median of repeats; "

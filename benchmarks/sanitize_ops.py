@@ -5,6 +5,7 @@ import torch
 
 import adallm_ops  # noqa: F401
 from adallm import nvfp4
+from adallm_ops.reference import fp8_quantize_rows
 
 
 def close(a, b, tol=2e-2):
@@ -27,6 +28,12 @@ def main():
         b = torch.randn(n, dtype=torch.bfloat16)
         y = torch.ops.adallm.nvfp4_linear(x.to(dev), q.weight, q.weight_scale, q.weight_global_scale, b.to(dev))
         close(y, torch.ops.adallm.nvfp4_linear(x, q.weight.cpu(), q.weight_scale.cpu(), q.weight_global_scale.cpu(), b))
+    # fp8_linear: one m-tile and two, tails of N (not a multiple of 16) and of K (not a multiple of the 256-k item),
+    # a row past the last whole tile of a warp, and the dequantize + cuBLAS path (M = 17).
+    for m, n, k in [(1, 40, 96), (1, 4099, 640), (9, 2051, 5376), (16, 17, 80), (17, 40, 96)]:
+        w, s = fp8_quantize_rows(torch.randn(n, k))
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        close(torch.ops.adallm.fp8_linear(x.to(dev), w.to(dev), s.to(dev)), torch.ops.adallm.fp8_linear(x, w, s))
     e = [nvfp4.quantize(torch.randn(48, 64)) for _ in range(5)]
     ew = [torch.stack([getattr(t, a) for t in e]) for a in ("weight", "weight_scale", "weight_global_scale")]
     ids = torch.randint(0, 5, (3, 2))

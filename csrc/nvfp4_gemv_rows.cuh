@@ -31,6 +31,7 @@
 // Rows past N read row N - 1, never stored; slots past K read slot 0 with zero x: no load is guarded.
 #pragma once
 
+#include "dynamic_smem.cuh"
 #include "nvfp4_gemv.cuh"
 
 #include <type_traits>
@@ -250,22 +251,11 @@ cudaError_t launch_nvfp4_gemv_rows(const Nvfp4GemvArgs& a, int num_sms, cudaStre
     const int grid = num_sms;  // blocks >= 4 num_sms: every CTA has a block
     const int blocks_per_cta = (blocks + grid - 1) / grid;
     const int smem = static_cast<int>(sizeof(float)) * blocks_per_cta * warps * 32;
-    // The opt-in shared-memory limit per CTA (sm_90: 227 KB, sm_89: 99 KB), set for the kernel once per device.
-    constexpr int kMaxDevices = 64;
-    static int smem_optin[kMaxDevices] = {};
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
+    static int smem_cache[64] = {};
+    int optin = 0;
+    const cudaError_t err = dynamic_smem_optin(smem_cache, optin, nvfp4_gemv_rows_kernel<T>);
     if (err != cudaSuccess) return err;
-    if (device >= kMaxDevices) return cudaErrorNotSupported;
-    if (smem_optin[device] == 0) {
-        int optin = 0;
-        err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-        if (err == cudaSuccess)
-            err = cudaFuncSetAttribute(nvfp4_gemv_rows_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-        if (err != cudaSuccess) return err;
-        smem_optin[device] = optin;
-    }
-    if (smem > smem_optin[device]) return cudaErrorNotSupported;
+    if (smem > optin) return cudaErrorNotSupported;
     nvfp4_gemv_rows_kernel<T><<<grid, warps * 32, smem, stream>>>(a, passes, blocks_per_cta);
     return cudaGetLastError();
 }

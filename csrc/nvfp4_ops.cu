@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "check.h"
+#include "linear_common.h"
 #include "nvfp4_gemv_rows.cuh"
 #include "nvfp4_quant.cuh"
 
@@ -22,16 +23,12 @@ namespace adallm {
 namespace {
 
 constexpr int64_t kBlock = 16;  // NVFP4 elements per E4M3 block scale
-// Prefill's dequantized weight chunk: 32 MiB (4096 rows at K = 4096) keeps cuBLAS's GEMMs large (N >= 4096
-// columns per call for K <= 4096) while cutting the temporary of a big fused weight ~6x. Rows come in
-// multiples of 128 so every chunk starts 16-byte aligned in the packed weight and its scales.
-constexpr int64_t kDequantChunkBytes = int64_t{32} << 20;
+// Prefill's chunks (kDequantChunkBytes, linear_common.h) come in multiples of 128 rows so every chunk starts
+// 16-byte aligned in the packed weight and its scales.
 constexpr int64_t kDequantChunkRows = 128;
 // nvfp4_moe_linear switches from the GEMV to sorted, dequantized grouped GEMMs at this many (token, expert)
 // pairs per expert (see nvfp4_moe_linear_cuda), when the stream is not being captured into a CUDA graph.
 constexpr int64_t kGroupedPairsPerExpert = 8;
-
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // Same checks and messages as ops.check_nvfp4_weight. Returns (N, K).
 std::pair<int64_t, int64_t> check_nvfp4_weight(const at::Tensor& weight, const at::Tensor& weight_scale,
@@ -62,33 +59,6 @@ std::pair<int64_t, int64_t> check_nvfp4_weight(const at::Tensor& weight, const a
     ADALLM_CHECK(weight.device() == weight_scale.device() && weight.device() == global_scale.device(),
                       "adallm: weight, weight_scale and weight_global_scale must be on one device");
     return {n, k};
-}
-
-void check_activation(const at::Tensor& x, int64_t k, const at::Tensor& weight) {
-    ADALLM_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                      "adallm: x must be bfloat16 or float16, got ", x.scalar_type());
-    ADALLM_CHECK(x.dim() >= 1 && x.size(-1) == k, "adallm: x has K = ", (x.dim() ? x.size(-1) : int64_t(0)),
-                      " but the weight has K = ", k);
-    ADALLM_CHECK(x.device() == weight.device(), "adallm: x is on ", x.device(), " but the weight is on ",
-                      weight.device());
-}
-
-// A tensor whose data pointer is 16-byte aligned and contiguous (copies only when needed).
-at::Tensor contiguous16(const at::Tensor& t) {
-    at::Tensor c = t.contiguous();
-    return aligned16(c) ? c : c.clone();
-}
-
-// Multiprocessors of a device (asked once per device: the GEMV sizes its grid by it).
-int sm_count(int device) {
-    static int cache[64] = {};
-    ADALLM_CHECK_RUNTIME(device >= 0 && device < 64, "adallm: device index ", device, " out of range");
-    if (cache[device] == 0) {
-        int n = 0;
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-        cache[device] = n;
-    }
-    return cache[device];
 }
 
 template <typename T>

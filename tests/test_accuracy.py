@@ -1,8 +1,9 @@
 """benchmarks/accuracy.py. A short run on the real Gemma3-270M (slow: `pytest -m slow tests/test_accuracy.py`)
 checks the issue's claims on a shortened text (2 chunks of 640 tokens, past the 512-token window): the quantizers
 beat round-to-nearest (the default and gptq: KL <= 0.7x; all: higher top-1), the FP8 KV cache adds little KL on top
-of NVFP4 weights, and the real adallm model computes the same function as its fake-quant copy. A fast test checks
-that the harness refuses a tokenizer that is not Gemma 3's.
+of NVFP4 weights, and the real adallm model computes the same function as its fake-quant copy. Fast tests check
+that the harness refuses a tokenizer that is not Gemma 3's, and run its quantized-lm_head rows (--lm-head) on a tiny
+random Gemma3 standing in for the real one.
 """
 import importlib.util
 import sys
@@ -40,6 +41,35 @@ def test_text_tokens_checks_the_tokenizer():
     word_pieces = [204930, 667, 1439, 1089, 1565, 25358]  # what transformers 5.17's GGUF tokenizer gives
     with pytest.raises(RuntimeError, match="not Gemma 3's"):
         accuracy.text_tokens(FakeTokenizer(probe, word_pieces))
+
+
+def test_lm_head_rows_on_a_tiny_model(monkeypatch):
+    """--lm-head fp8,nvfp4 adds a fake-quant and an adallm row per head kind (the adallm one through FP8Linear /
+    NVFP4Linear), scored against the same reference; bare --lm-head means nvfp4; other kinds are refused."""
+    import torch
+    from integration_common import tiny_model
+
+    accuracy = load_accuracy()
+    torch.manual_seed(0)
+    model = tiny_model("gemma3")  # bf16, tied lm_head, sliding window 8
+    model.generation_config.eos_token_id = None
+    monkeypatch.setattr(accuracy, "load_model", lambda device, dtype, gguf=None: (model.to(dtype), SimpleNamespace(
+        bos_token_id=2)))
+    monkeypatch.setattr(accuracy, "text_tokens", lambda tok: torch.randint(3, 250, (200,)))
+    small = ["--device", "cpu", "--dtype", "bfloat16", "--methods", "mse", "--no-kv", "--chunk-len", "48",
+             "--chunks", "2", "--prompts", "2", "--prompt-len", "12", "--new-tokens", "4"]
+    embed = model.model.embed_tokens.weight.detach().clone()
+    r = accuracy.main(small + ["--lm-head", "fp8,nvfp4"])
+    assert r["lm_head_rows"] == ["fp8", "nvfp4"]
+    assert {f"{k}/w-mse+{h}_head" for k in ("fake", "adallm") for h in ("fp8", "nvfp4")} <= r["configs"].keys()
+    s = r["summary"]["mse"]
+    for h in ("fp8", "nvfp4"):
+        assert abs(s[f"adallm_{h}_head_kl_over_fake"] - 1) < 0.05  # the real head computes its fake-quant copy
+    assert 0 < s["fake_fp8_head_added_kl"] < s["fake_nvfp4_head_added_kl"]
+    assert torch.equal(model.model.embed_tokens.weight, embed)  # the tied embedding stays exact
+    assert accuracy.main(small + ["--no-adallm", "--lm-head"])["lm_head_rows"] == ["nvfp4"]
+    with pytest.raises(SystemExit):
+        accuracy.main(small + ["--lm-head", "dense"])
 
 
 @pytest.fixture(scope="module")

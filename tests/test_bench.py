@@ -1,5 +1,5 @@
 """`adallm bench` on CPU: the timing functions are stubbed (they need CUDA), everything else runs for real on tiny
-random models: the flag plumbing of --quantize-lm-head, the recorded field and row label, and the weight-bytes floor."""
+random models: the flag plumbing of --lm-head, the recorded field and row label, and the weight-bytes floor."""
 import json
 import subprocess
 
@@ -9,16 +9,19 @@ from integration_common import tiny_model
 from torch import nn
 
 from adallm import bench
-from adallm.linear import NVFP4Linear
+from adallm.linear import FP8Linear, NVFP4Linear
 
 
-def _nvfp4_bytes(n: int, k: int) -> int:
-    return n * k // 2 + n * k // 16 + 4  # codes uint8 [N, K/2], e4m3 scales [N, K/16], fp32 global scale
+def _head_bytes(lm_head: str, n: int, k: int) -> int:
+    return {"dense": n * k * 2,  # bf16 [N, K]
+            "fp8": n * k + n * 4,  # e4m3 codes [N, K], fp32 scale per row [N]
+            "nvfp4": n * k // 2 + n * k // 16 + 4,  # codes uint8 [N, K/2], e4m3 scales [N, K/16], fp32 global scale
+            }[lm_head]
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])  # gemma3: lm_head tied to the embedding
-@pytest.mark.parametrize("quantize_lm_head", [False, True])
-def test_bench_quantize_lm_head(family, quantize_lm_head, monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("lm_head", ["dense", "fp8", "nvfp4"])
+def test_bench_lm_head(family, lm_head, monkeypatch, tmp_path, capsys):
     model = tiny_model(family)
     embed = model.get_input_embeddings().weight.detach().clone()
     heads = []  # (row being measured, lm_head module type) as generate would see them
@@ -36,36 +39,38 @@ def test_bench_quantize_lm_head(family, quantize_lm_head, monkeypatch, tmp_path,
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu (stubbed)")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     out = tmp_path / "bench.json"
-    bench.main(["tiny", "--batches", "1", "--out", str(out)] + (["--quantize-lm-head"] if quantize_lm_head else []))
+    bench.main(["tiny", "--batches", "1", "--out", str(out)] + (["--lm-head", lm_head] if lm_head != "dense" else []))
     res = json.loads(out.read_text())
     text = capsys.readouterr().out
 
-    label = "adallm+lm_head" if quantize_lm_head else "adallm"
-    assert res["quantize_lm_head"] is quantize_lm_head
+    label = {"dense": "adallm", "fp8": "adallm+fp8_head", "nvfp4": "adallm+nvfp4_head"}[lm_head]
+    assert res["lm_head"] == lm_head and "quantize_lm_head" not in res
     assert list(res["rows"]) == ["bf16", label]
-    assert f"\n{label} " in text and ("lm_head NVFP4" if quantize_lm_head else "lm_head BF16") in text
-    assert heads == [("bf16", nn.Linear), ("adallm", NVFP4Linear if quantize_lm_head else nn.Linear)]
+    assert f"\n{label} " in text and f"AdaLLM lm_head {dict(dense='BF16', fp8='FP8', nvfp4='NVFP4')[lm_head]})" in text
+    assert heads == [("bf16", nn.Linear), ("adallm", dict(dense=nn.Linear, fp8=FP8Linear, nvfp4=NVFP4Linear)[lm_head])]
     assert torch.equal(model.get_input_embeddings().weight, embed)  # a tied embedding stays exact
 
-    # the floor: the lm_head counted once, at its NVFP4 size when quantized, else BF16 (tied or not)
+    # the floor: the lm_head counted once, at its own size (BF16 when dense, tied or not)
     cfg = model.config
     v, h = cfg.vocab_size, cfg.hidden_size
-    bf16_head, nvfp4_head = v * h * 2, _nvfp4_bytes(v, h)
     decoder = sum(t.numel() * t.element_size() for t in (*model.model.layers.parameters(), *model.model.layers.buffers(),
                                                         *model.model.norm.parameters()))
-    expected = decoder + (nvfp4_head if quantize_lm_head else bf16_head) + h * 2  # + one embedding row
+    expected = decoder + _head_bytes(lm_head, v, h) + h * 2  # + one embedding row
     assert res["rows"][label]["weight_bytes_per_token"] == expected
     assert res["rows"][label]["decode"][0]["floor_ms"] == pytest.approx(expected / 1e12 * 1e3)
     bf16 = res["rows"]["bf16"]["weight_bytes_per_token"]
-    assert bf16 > expected  # the BF16 model reads more
-    if quantize_lm_head:
-        assert bf16 - expected > bf16_head - nvfp4_head  # the head's saving, plus the decoder's
+    assert bf16 - expected > _head_bytes("dense", v, h) - _head_bytes(lm_head, v, h)  # the head's + the decoder's saving
 
 
-def test_bench_help_documents_quantize_lm_head(capsys):
+def test_bench_lm_head_flag(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
-    assert "--quantize-lm-head" in capsys.readouterr().out
+    assert "--lm-head {dense,fp8,nvfp4}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["tiny", "--lm-head", "bf16"])
+    assert "invalid choice: 'bf16'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="choose one of"):
+        bench.run("tiny", lm_head="int4")  # refused before anything is built or measured
 
 
 def test_git_commit_marks_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):

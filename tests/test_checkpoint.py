@@ -1,4 +1,5 @@
-"""Loading NVFP4 checkpoints (ModelOpt, compressed-tensors) packed, quantize-on-load, save_pretrained round trips.
+"""Loading NVFP4 checkpoints (ModelOpt, compressed-tensors) packed, quantize-on-load, save_pretrained round trips,
+the lm_head kinds against what a checkpoint stores.
 
 Checkpoints are written by tests/ckpt_spec.py from the format specs; the reference is the same transformers
 model in float32 with each quantized weight replaced by its float64 dequantization.
@@ -13,8 +14,8 @@ from safetensors import safe_open
 
 import adallm
 import ckpt_spec as cs
-from adallm.checkpoint import SeparateParts, from_pretrained, info, save_pretrained
-from adallm.linear import NVFP4Linear
+from adallm.checkpoint import CheckpointError, SeparateParts, from_pretrained, info, save_pretrained
+from adallm.linear import FP8Linear, NVFP4Linear
 
 FAMILIES = ["qwen3", "qwen3_moe", "gemma3_text", "gemma3"]
 FORMATS = ["modelopt", "compressed-tensors"]
@@ -130,6 +131,92 @@ def test_saved_layout_is_modelopt(tmp_path):
     assert src.keys() == t.keys()
     for k in src:  # loading then saving a ModelOpt checkpoint reproduces it exactly
         assert torch.equal(as_bits(src[k]), as_bits(t[k])), k
+
+
+def greedy(model, ids, new=8):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])  # gemma3_text: lm_head tied to the embedding
+def test_fp8_lm_head_is_a_load_time_choice(family, tmp_path, ids):
+    """from_pretrained(lm_head="fp8") quantizes the stored dense head (tied: the embedding) as patch does.
+    save_pretrained writes it dense, dequantized to bf16 and excluded (tied: not at all); from_pretrained with
+    lm_head="fp8" makes the same codes and scales from it again, bit for bit, and generates the same tokens; as
+    stored (lm_head=None), it loads as that dense head."""
+    from transformers import AutoModelForCausalLM
+    hf = cs.hf_model(family)
+    cs.write_bf16(hf, family, str(tmp_path / "bf16"))
+    loaded = from_pretrained(str(tmp_path / "bf16"), device="cpu", lm_head="fp8", progress=False)
+    assert isinstance(loaded.lm_head, FP8Linear)
+    patched = adallm.patch(AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16),
+                           lm_head="fp8", progress=False)
+    assert_same_state(loaded, patched)
+
+    out = tmp_path / "nvfp4"
+    save_pretrained(loaded, str(out))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if k.startswith("lm_head.")}
+    tied = family == "gemma3_text"
+    assert hf.config.tie_word_embeddings is tied
+    if tied:
+        assert stored == {}
+    else:
+        assert stored.keys() == {"lm_head.weight"}
+        assert torch.equal(stored["lm_head.weight"], loaded.lm_head.dequantize(torch.bfloat16))
+    assert "lm_head" in json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    back = from_pretrained(str(out), device="cpu", lm_head="fp8", progress=False)
+    assert isinstance(back.lm_head, FP8Linear)
+    assert_same_state(loaded, back)  # FP8 codes and scales included
+    assert torch.equal(greedy(back, ids), greedy(loaded, ids))
+    dense = from_pretrained(str(out), device="cpu", progress=False)
+    assert type(dense.lm_head) is torch.nn.Linear
+    if tied:
+        assert dense.lm_head.weight is dense.model.embed_tokens.weight
+    else:
+        assert torch.equal(dense.lm_head.weight, loaded.lm_head.dequantize(torch.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_nvfp4_lm_head_on_load(family, tmp_path):
+    """lm_head="nvfp4" quantizes a stored dense head (tied: the embedding) on load as patch does; a stored NVFP4
+    head loads as stored, and only as "nvfp4"."""
+    from transformers import AutoModelForCausalLM
+    cs.write_bf16(cs.hf_model(family), family, str(tmp_path / "bf16"))
+    loaded = from_pretrained(str(tmp_path / "bf16"), device="cpu", lm_head="nvfp4", progress=False)
+    assert isinstance(loaded.lm_head, NVFP4Linear)
+    patched = adallm.patch(AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16),
+                           lm_head="nvfp4", progress=False)
+    assert_same_state(loaded, patched)
+    save_pretrained(loaded, str(tmp_path / "out"))
+    for lm_head in (None, "nvfp4"):
+        assert_same_state(loaded, from_pretrained(str(tmp_path / "out"), device="cpu", lm_head=lm_head,
+                                                  progress=False))
+    for lm_head in ("dense", "fp8"):
+        with pytest.raises(CheckpointError, match=rf"stores lm_head in NVFP4; .*not as lm_head='{lm_head}'"):
+            from_pretrained(str(tmp_path / "out"), device="cpu", lm_head=lm_head, progress=False)
+
+
+def test_nvfp4_lm_head_from_a_dense_head_of_an_nvfp4_checkpoint(tmp_path, recwarn):
+    """A ModelOpt checkpoint keeping lm_head in BF16 (excluded), loaded with lm_head="nvfp4": the head is quantized
+    on load as patch would (no warning: it was asked for), the decoder stays as stored."""
+    hf = cs.hf_model("qwen3")
+    cs.write_nvfp4(hf, "qwen3", str(tmp_path), "modelopt")
+    stored = from_pretrained(str(tmp_path), device="cpu", progress=False)
+    assert type(stored.lm_head) is torch.nn.Linear
+    m = from_pretrained(str(tmp_path), device="cpu", lm_head="nvfp4", progress=False)
+    want = NVFP4Linear.from_dense([stored.lm_head])
+    assert torch.equal(m.lm_head.weight, want.weight) and torch.equal(as_bits(m.lm_head.weight_scale),
+                                                                      as_bits(want.weight_scale))
+    sa, sb = stored.state_dict(), m.state_dict()
+    assert all(torch.equal(as_bits(sa[k]), as_bits(sb[k])) for k in sa if not k.startswith("lm_head."))
+    assert not [w for w in recwarn if "quantized on load" in str(w.message)]
+
+
+def test_unknown_lm_head_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"lm_head='bf16'; choose one of \('dense', 'fp8', 'nvfp4'\)"):
+        from_pretrained(str(tmp_path), device="cpu", lm_head="bf16", progress=False)
 
 
 def test_different_global_scales_in_a_fused_group(tmp_path, ids):

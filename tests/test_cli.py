@@ -71,6 +71,40 @@ def test_quantize_gptq_writes_what_patch_makes(bf16_ckpt, tmp_path):
     assert not all(torch.equal(mse[k], got[k]) for k in packed)
 
 
+def test_lm_head_flag(bf16_ckpt, tmp_path, capsys, monkeypatch):
+    """--lm-head: quantize writes dense (default: as the BF16 source stores it) or nvfp4 and refuses fp8, which a
+    checkpoint cannot store; generate loads a checkpoint as stored (default) or with the head it names."""
+    import adallm.checkpoint as ckpt
+    from adallm.linear import FP8Linear, NVFP4Linear
+    p = cli.parser()
+    assert p.parse_args(["quantize", "a", "b"]).lm_head is None
+    assert p.parse_args(["generate", "m", "hi"]).lm_head is None
+    assert p.parse_args(["generate", "m", "hi", "--lm-head", "fp8"]).lm_head == "fp8"
+    with pytest.raises(SystemExit):
+        p.parse_args(["generate", "m", "hi", "--lm-head", "bf16"])
+    assert "invalid choice: 'bf16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--lm-head fp8 cannot be stored"):
+        cli.main(["quantize", str(bf16_ckpt), str(tmp_path / "fp8"), "--device", "cpu", "--lm-head", "fp8"])
+    assert not (tmp_path / "fp8").exists()
+    cli.main(["quantize", str(bf16_ckpt), str(tmp_path / "nvfp4"), "--device", "cpu", "--lm-head", "nvfp4"])
+    cli.main(["quantize", str(bf16_ckpt), str(tmp_path / "dense"), "--device", "cpu"])
+
+    heads = []
+    load = ckpt.from_pretrained
+
+    def recording(*args, **kw):  # cmd_generate imports from_pretrained when it runs
+        model = load(*args, **kw)
+        heads.append(type(model.lm_head))
+        return model
+
+    monkeypatch.setattr(ckpt, "from_pretrained", recording)
+    for ckpt_dir, flags in (("nvfp4", []), ("dense", []), ("dense", ["--lm-head", "fp8"])):
+        cli.main(["generate", str(tmp_path / ckpt_dir), "w1 w2", "--max-new-tokens", "3", "--device", "cpu",
+                  "--quiet", *flags])
+    assert heads == [NVFP4Linear, torch.nn.Linear, FP8Linear]
+    assert all(w.startswith("w") for w in capsys.readouterr().out.split())
+
+
 def test_prompt_goes_through_chat_template():
     ids = cli.prompt_inputs(tiny_tokenizer(chat=True), "w5 w6").input_ids[0].tolist()
     assert ids == [125, 5, 6, 126]  # <user> w5 w6 <assistant>
@@ -89,10 +123,10 @@ def test_generate_streams_tokens(bf16_ckpt, capsys, sampling):
 def test_help_documents_every_flag():
     import argparse
     sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for name, flags in {"quantize": ["--device", "--method", "--quantize-lm-head", "--max-shard-size", "--calib-seqs",
+    for name, flags in {"quantize": ["--device", "--method", "--lm-head", "--max-shard-size", "--calib-seqs",
                                      "--calib-len", "--calib-bos"],
                         "generate": ["--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device",
-                                     "--system", "--no-chat-template", "--quiet"],
+                                     "--system", "--no-chat-template", "--lm-head", "--quiet"],
                         "info": ["--json"]}.items():
         documented = {o for a in sub[name]._actions if a.help for o in a.option_strings}
         assert set(flags) <= documented, name

@@ -42,18 +42,18 @@ def graphs_off(monkeypatch):
     return use
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_graph_decode_replays_the_compiled_step(family, graphs_off):
+@pytest.mark.parametrize("family,lm_head", [(f, "dense") for f in FAMILIES] + [("qwen3", "fp8"), ("gemma3", "fp8")])
+def test_graph_decode_replays_the_compiled_step(family, lm_head, graphs_off):
     """generate on CUDA decodes with CUDA-graph replays of one compiled step (adallm/generation.py): the
     tokens equal those of calling that compiled step directly every step, for a left-padded batch and
     sampling alike; the returned cache holds every token but the last; each token is (near) eager's
     choice given its prefix (inductor's fused norms round differently from eager, so near-ties may break
-    the other way)."""
+    the other way). lm_head="fp8" runs the same through fp8_linear's GEMV."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()  # one compiled step per model, and the tests build many: stay under the recompile limit
     torch.manual_seed(0)
     model = tiny_model(family, device="cuda")
-    adallm.patch(model, progress=False)
+    adallm.patch(model, lm_head=lm_head, progress=False)
     ids, mask = left_pad([torch.randint(1, model.config.vocab_size, (n,)) for n in (20, 13)])
     counters.clear()
     graph, cache = generate(model, ids, mask, new=40)

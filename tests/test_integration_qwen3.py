@@ -1,12 +1,14 @@
 """adallm.patch on a tiny random Qwen3: equivalence with the dequantized transformers model (see
-integration_common.py for the reference and the tolerance rules), generate, compile, module tree."""
+integration_common.py for the reference and the tolerance rules), generate, compile, module tree, lm_head kinds."""
+import copy
+
 import pytest
 import torch
 from integration_common import (check_batch_matches_alone, check_compile, check_continuation, check_greedy,
                                 check_logits, generate, reference_models, teacher_force, tiny_model)
 
 import adallm
-from adallm.linear import NVFP4Linear
+from adallm.linear import FP8Linear, NVFP4Linear
 
 
 def test_logits_match_dequantized_reference():
@@ -46,14 +48,16 @@ def test_module_tree_and_names():
         adallm.patch(model, progress=False)
 
 
-def test_empty_patch_then_load_state_dict_is_the_same_model():
+@pytest.mark.parametrize("lm_head", ["dense", "fp8", "nvfp4"])
+def test_empty_patch_then_load_state_dict_is_the_same_model(lm_head):
     """What the checkpoint loader does: build on meta, patch(quantize=False), load by name with assign=True."""
     torch.manual_seed(0)
     model = tiny_model("qwen3")
-    adallm.patch(model, progress=False)
+    adallm.patch(model, lm_head=lm_head, progress=False)
     with torch.device("meta"):
         empty = type(model)(model.config).to(torch.bfloat16)
-    adallm.patch(empty, quantize=False)
+    adallm.patch(empty, lm_head=lm_head, quantize=False)
+    assert type(empty.lm_head) is type(model.lm_head) and empty.lm_head.weight.is_meta
     buffers = dict(empty.named_buffers())
     for name, t in model.state_dict().items():
         assert name in buffers or name in dict(empty.named_parameters()), name
@@ -70,9 +74,9 @@ def test_empty_patch_then_load_state_dict_is_the_same_model():
         assert torch.equal(empty(ids).logits, model(ids).logits)
 
 
-def test_quantize_lm_head():
+def test_nvfp4_lm_head():
     torch.manual_seed(0)
-    patched, ref, ref64 = reference_models("qwen3", quantize_lm_head=True)
+    patched, ref, ref64 = reference_models("qwen3", lm_head="nvfp4")
     assert isinstance(patched.lm_head, NVFP4Linear)
     ids = torch.randint(1, 256, (1, 10))
     mask = torch.ones_like(ids)
@@ -80,6 +84,39 @@ def test_quantize_lm_head():
            for m in (patched, ref, ref64)]
     scale = out[2].abs().max()
     assert (out[0] - out[2]).abs().max() <= 2 * (out[1] - out[2]).abs().max() + 1e-3 * scale
+
+
+def test_fp8_lm_head():
+    """lm_head="fp8": an FP8Linear (e4m3 codes, one fp32 scale per row) whose logits are those of its dequantized
+    weight, close to the dense head's (an NVFP4 head is off by ~3x more); generate runs with it."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = tiny_model("qwen3")
+    dense_w = model.lm_head.weight.detach().clone()
+    dense = adallm.patch(copy.deepcopy(model), progress=False)  # same decoder weights: the quantizer is deterministic
+    adallm.patch(model, lm_head="fp8", progress=False)
+    head = model.lm_head
+    assert isinstance(head, FP8Linear) and head.weight.dtype == torch.float8_e4m3fn and head.weight.shape == (256, 128)
+    assert head.weight_scale.dtype == torch.float32 and head.weight_scale.shape == (256,)
+    w = head.dequantize()
+    assert not torch.equal(w.to(torch.bfloat16), dense_w)  # really quantized
+    assert ((w - dense_w.float()).abs().amax(1) <= dense_w.float().abs().amax(1) / 16).all()  # e4m3: 3 mantissa bits
+    ids = torch.randint(1, 256, (2, 10))
+    with torch.no_grad():
+        logits, h = model(ids).logits.float(), model.model(ids).last_hidden_state.float()
+        want = dense(ids).logits.float()
+    scale = want.abs().max()
+    assert (logits - F.linear(h, w)).abs().max() <= 0.005 * scale
+    assert (logits - want).abs().max() <= 0.04 * scale
+    tokens, cache = generate(model, ids, new=8)
+    assert tokens.shape == (2, 8) and isinstance(cache, adallm.Fp8KVCache)
+
+
+def test_bad_lm_head_is_refused():
+    model = tiny_model("qwen3")
+    with pytest.raises(ValueError, match=r"lm_head='int8'; choose one of \('dense', 'fp8', 'nvfp4'\)"):
+        adallm.patch(model, lm_head="int8", progress=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # refused before patching anything
 
 
 def test_sampling_and_streamer_run():
