@@ -5,11 +5,13 @@ patches it in place to NVFP4 (+ FP8 KV cache) and measures again on the same pro
 generate(P + n tokens) minus generate(P + 1 token), so it excludes prefill; each number is the median
 of `repeats` runs after a warm-up run that also compiles. The weight-bandwidth floor is the bytes one
 decode step must read (every layer weight once; for MoE only the routed experts) over the copy
-bandwidth measured in the same process. `--lm-head {dense,fp8,nvfp4}` patches with adallm.patch(lm_head=...)
-(default dense: lm_head stays BF16): the row is labelled "adallm", "adallm+fp8_head" or "adallm+nvfp4_head", the
-JSON records "lm_head": "dense" | "fp8" | "nvfp4" (results written before it record "quantize_lm_head": true/false
-and label the NVFP4-head row "adallm+lm_head"), and the floor counts lm_head at its own size: BF16 2 bytes per
-weight, FP8 1 byte per weight + 4 per row, NVFP4 packed codes + block scales + global scale.
+bandwidth measured in the same process. `--lm-head dense,fp8,nvfp4` (any of them, comma-separated; default
+dense: lm_head stays BF16) measures AdaLLM once per lm_head kind, each on a fresh copy of the model patched with
+adallm.patch(lm_head=...), against the one BF16 baseline of the process: rows "adallm", "adallm+fp8_head",
+"adallm+nvfp4_head"; the JSON records "lm_heads" and keys decode_speedup, peak_memory_ratio_b1 and prefill_ratio by row
+(results written before it record one "lm_head", or "quantize_lm_head" and a row "adallm+lm_head" for the NVFP4 head,
+with the ratios of that one row). The floor counts lm_head at its own size: BF16 2 bytes per weight, FP8 1 byte per
+weight + 4 per row, NVFP4 packed codes + block scales + global scale.
 """
 from __future__ import annotations
 
@@ -189,21 +191,31 @@ def adallm_label(lm_head: str) -> str:
 HEAD_NAMES = {"dense": "BF16", "fp8": "FP8", "nvfp4": "NVFP4"}
 
 
+def check_lm_heads(lm_heads: tuple[str, ...]) -> None:
+    """ValueError unless lm_heads names kinds of LM_HEADS, each once."""
+    for head in lm_heads:
+        check_lm_head(head)
+    if not lm_heads or len(set(lm_heads)) != len(lm_heads):
+        raise ValueError(f"adallm: lm_heads must name each kind once, got {lm_heads}")
+
+
 def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 128, prefill_len: int = 2048,
-        baseline: bool = True, repeats: int = 3, context: int | None = None, lm_head: str = "dense") -> dict:
+        baseline: bool = True, repeats: int = 3, context: int | None = None,
+        lm_heads: tuple[str, ...] = ("dense",)) -> dict:
     """context: size every KV cache for this many tokens per sequence (generate's max_cache_len), so the
     peak memory shows what a long conversation needs; default: just the prompt and the new tokens.
-    lm_head: patch with adallm.patch(lm_head=lm_head) (row adallm_label(lm_head))."""
+    lm_heads: one AdaLLM row per kind, each patched with adallm.patch(lm_head=...) (row adallm_label(kind)); the
+    model is built again for every kind after the first (random shape sets: new random weights)."""
     import adallm
 
-    check_lm_head(lm_head)  # before the baseline's minutes
+    check_lm_heads(lm_heads)  # before the baseline's minutes
 
     bw = copy_bandwidth()
     import transformers
 
     results: dict = dict(model=name, gpu=torch.cuda.get_device_name(), copy_bandwidth_GBs=bw / 1e9,
                          torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
-                         commit=git_commit(), context=context, lm_head=lm_head)
+                         commit=git_commit(), context=context, lm_heads=list(lm_heads))
     sized = {} if context is None else dict(max_cache_len=context)
     model = build_model(name)
     contexts = sorted({context or prompt_len + new_tokens, 8192, 32768})
@@ -212,24 +224,32 @@ def run(name: str, batches=(1, 4, 16), prompt_len: int = 128, new_tokens: int = 
     if baseline:
         rows["bf16"] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw,
                                     cache_implementation="static", **sized)
-        # Drop the baseline's compiled graphs (and their CUDA-graph memory pools) before patching, so
-        # AdaLLM's peak memory is its own; the patched model compiles afresh.
+    for i, head in enumerate(lm_heads):
+        # Drop the last model's compiled graphs (and their CUDA-graph memory pools) before patching, so each
+        # row's peak memory is its own; the patched model compiles afresh.
         if hasattr(model, "_compiled_call"):
             del model._compiled_call
+        if i > 0:
+            del model
         torch._dynamo.reset()
         gc.collect()
-    torch.cuda.empty_cache()
-    adallm.patch(model, lm_head=lm_head)
-    torch.cuda.empty_cache()
-    label = adallm_label(lm_head)
-    rows[label] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw, **sized)
+        torch.cuda.empty_cache()
+        if i > 0:
+            model = build_model(name)
+        adallm.patch(model, lm_head=head)
+        torch.cuda.empty_cache()
+        rows[adallm_label(head)] = _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, bw,
+                                                **sized)
     results["rows"] = rows
     if baseline:
         b1 = {r["batch"]: r for r in rows["bf16"]["decode"]}
-        a1 = {r["batch"]: r for r in rows[label]["decode"]}
-        results["decode_speedup"] = {b: a1[b]["decode_tok_s"] / b1[b]["decode_tok_s"] for b in a1}
-        results["peak_memory_ratio_b1"] = a1[batches[0]]["peak_gib"] / b1[batches[0]]["peak_gib"]
-        results["prefill_ratio"] = rows[label]["prefill_tok_s"] / rows["bf16"]["prefill_tok_s"]
+        labels = [adallm_label(h) for h in lm_heads]
+        results["decode_speedup"] = {label: {r["batch"]: r["decode_tok_s"] / b1[r["batch"]]["decode_tok_s"]
+                                             for r in rows[label]["decode"]} for label in labels}
+        results["peak_memory_ratio_b1"] = {label: rows[label]["decode"][0]["peak_gib"] / b1[batches[0]]["peak_gib"]
+                                           for label in labels}
+        results["prefill_ratio"] = {label: rows[label]["prefill_tok_s"] / rows["bf16"]["prefill_tok_s"]
+                                    for label in labels}
     return results
 
 
@@ -250,8 +270,8 @@ def _measure_all(model, batches, prompt_len, new_tokens, prefill_len, repeats, b
 
 
 def print_table(res: dict) -> None:
-    print(f"\n{res['model']} on {res['gpu']} (copy bandwidth {res['copy_bandwidth_GBs']:.0f} GB/s; AdaLLM lm_head "
-          f"{HEAD_NAMES[res['lm_head']]})")
+    heads = ", ".join(f"{adallm_label(h)}: {HEAD_NAMES[h]}" for h in res["lm_heads"])
+    print(f"\n{res['model']} on {res['gpu']} (copy bandwidth {res['copy_bandwidth_GBs']:.0f} GB/s; lm_head {heads})")
     print(f"{'impl':17} {'batch':>5} {'ttft ms':>9} {'ms/step':>8} {'tok/s':>9} {'% floor':>8} {'peak GiB':>9}")
     for impl, rows in res["rows"].items():
         for r in rows["decode"]:
@@ -281,15 +301,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--context", type=int, help="size the KV caches for this many tokens per sequence (peak memory "
                    "of a long context); default: prompt + new tokens")
-    p.add_argument("--lm-head", choices=LM_HEADS, default="dense",
-                   help="patch with adallm.patch(lm_head=...): dense (default: BF16), fp8 or nvfp4; the row is "
-                   "labelled adallm, adallm+fp8_head or adallm+nvfp4_head and the floor counts lm_head at its size")
+    p.add_argument("--lm-head", default="dense", metavar="KINDS",
+                   help=f"comma-separated lm_head kinds ({', '.join(LM_HEADS)}; default dense: BF16), one AdaLLM row "
+                   "each, patched with adallm.patch(lm_head=...) on a fresh model, against the one BF16 baseline: "
+                   "rows adallm, adallm+fp8_head, adallm+nvfp4_head; the floor counts lm_head at its size")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
+    lm_heads = tuple(h.strip() for h in a.lm_head.split(","))
+    check_lm_heads(lm_heads)
     if not torch.cuda.is_available():
         raise SystemExit("adallm bench needs a CUDA GPU")
     res = run(a.model, tuple(int(b) for b in a.batches.split(",")), a.prompt_len, a.new_tokens, a.prefill_len,
-              not a.no_baseline, a.repeats, a.context, a.lm_head)
+              not a.no_baseline, a.repeats, a.context, lm_heads)
     print_table(res)
     if a.out:
         with open(a.out, "w") as f:

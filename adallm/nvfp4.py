@@ -63,7 +63,9 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
 def global_scale_for(*weights: torch.Tensor) -> torch.Tensor:
     """The per-tensor scale shared by `weights` (one fused group): max amax / (6 * 448), fp32 []."""
     amax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
-    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    # A tensor divisor: CUDA would divide by a Python number as a multiply by its rounded reciprocal, and the CPU
+    # divides, so the two devices would disagree in the last bit now and then (and so in some codes).
+    return torch.where(amax > 0, amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
 
 
 METHODS = ("rtn", "mse", "gptq")

@@ -116,7 +116,9 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., D] -> (e4m3 [..., D], fp32 scale [...]): scale = amax/448 (1 if the row is all zero)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # A tensor divisor, not the Python 448: CUDA divides by a CPU scalar as a multiply by its rounded reciprocal,
+    # which differs from the division in the last bit now and then (the CPU divides).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     q = (xf / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

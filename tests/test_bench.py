@@ -44,9 +44,9 @@ def test_bench_lm_head(family, lm_head, monkeypatch, tmp_path, capsys):
     text = capsys.readouterr().out
 
     label = {"dense": "adallm", "fp8": "adallm+fp8_head", "nvfp4": "adallm+nvfp4_head"}[lm_head]
-    assert res["lm_head"] == lm_head and "quantize_lm_head" not in res
-    assert list(res["rows"]) == ["bf16", label]
-    assert f"\n{label} " in text and f"AdaLLM lm_head {dict(dense='BF16', fp8='FP8', nvfp4='NVFP4')[lm_head]})" in text
+    assert res["lm_heads"] == [lm_head] and "quantize_lm_head" not in res
+    assert list(res["rows"]) == ["bf16", label] and list(res["decode_speedup"]) == [label]
+    assert f"\n{label} " in text and f"lm_head {label}: {dict(dense='BF16', fp8='FP8', nvfp4='NVFP4')[lm_head]})" in text
     assert heads == [("bf16", nn.Linear), ("adallm", dict(dense=nn.Linear, fp8=FP8Linear, nvfp4=NVFP4Linear)[lm_head])]
     assert torch.equal(model.get_input_embeddings().weight, embed)  # a tied embedding stays exact
 
@@ -62,15 +62,49 @@ def test_bench_lm_head(family, lm_head, monkeypatch, tmp_path, capsys):
     assert bf16 - expected > _head_bytes("dense", v, h) - _head_bytes(lm_head, v, h)  # the head's + the decoder's saving
 
 
+def test_bench_several_lm_heads_one_baseline(monkeypatch, tmp_path):
+    """--lm-head dense,fp8: one BF16 baseline, then one AdaLLM row per kind, each on a freshly built model."""
+    built, measured = [], []
+
+    def build(name):
+        built.append(tiny_model("qwen3"))
+        return built[-1]
+
+    def fake_measure(m, batch, prompt_len, new_tokens, repeats=3, **kw):
+        measured.append(("bf16" if kw.get("cache_implementation") == "static" else type(m.lm_head).__name__,
+                         len(built)))
+        return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ttft_ms=1.0,
+                    decode_ms_per_step=1.0 if kw.get("cache_implementation") == "static" else 0.25,
+                    decode_tok_s=batch * 1e3, peak_gib=1.0)
+
+    monkeypatch.setattr(bench, "build_model", build)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "measure_prefill", lambda *a, **kw: 1e4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu (stubbed)")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = tmp_path / "bench.json"
+    bench.main(["tiny", "--batches", "1,4", "--lm-head", "dense,fp8", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["lm_heads"] == ["dense", "fp8"] and list(res["rows"]) == ["bf16", "adallm", "adallm+fp8_head"]
+    assert measured == [("bf16", 1)] * 2 + [("Linear", 1)] * 2 + [("FP8Linear", 2)] * 2
+    assert set(res["decode_speedup"]) == set(res["prefill_ratio"]) == {"adallm", "adallm+fp8_head"}
+    assert res["decode_speedup"]["adallm+fp8_head"] == {"1": 1.0, "4": 1.0}
+    assert isinstance(built[1].lm_head, FP8Linear) and isinstance(built[0].lm_head, nn.Linear)
+    fp8, dense = (res["rows"][k]["weight_bytes_per_token"] for k in ("adallm+fp8_head", "adallm"))
+    cfg = built[0].config
+    assert dense - fp8 == _head_bytes("dense", cfg.vocab_size, cfg.hidden_size) - _head_bytes(
+        "fp8", cfg.vocab_size, cfg.hidden_size)
+
+
 def test_bench_lm_head_flag(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
-    assert "--lm-head {dense,fp8,nvfp4}" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        bench.main(["tiny", "--lm-head", "bf16"])
-    assert "invalid choice: 'bf16'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="choose one of"):
-        bench.run("tiny", lm_head="int4")  # refused before anything is built or measured
+    assert "--lm-head KINDS" in capsys.readouterr().out
+    for bad in ("bf16", "fp8,fp8", "int4"):  # refused before anything is built or measured
+        with pytest.raises(ValueError, match="choose one of|each kind once"):
+            bench.main(["tiny", "--lm-head", bad])
 
 
 def test_git_commit_marks_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):
