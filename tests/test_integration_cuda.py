@@ -73,10 +73,11 @@ def test_graph_decode_replays_the_compiled_step(family, lm_head, graphs_off):
     logits = teacher_force(model, adallm.Fp8KVCache(model.config, seq.shape[1]), seq,
                            list(range(ids.shape[1], seq.shape[1])), full_mask)[:, ids.shape[1] - 1:]
     margin = logits.amax(-1) - logits.gather(-1, graph.to(logits.device).unsqueeze(-1)).squeeze(-1)
-    # Near: within 1% of the largest logit, or 2 bf16 steps at its size (Gemma3's tiny random logits stay near 1,
-    # where a bf16 step is 1/128, more than 1% of it).
+    # Near: within 1% of the largest logit, or 6 bf16 steps at its size. Gemma3's tiny random logits stay near 1,
+    # where a bf16 step (1/128) is most of 1%, and its compiled and eager logits were seen 3-4 steps apart at a
+    # near tie (H200, 99e80f6; 6 allows some headroom and has not run on a GPU yet).
     amax = logits.abs().amax()
-    tol = max(0.01 * amax, 2 * 2.0 ** (torch.floor(torch.log2(amax)) - 7))
+    tol = max(0.01 * amax, 6 * 2.0 ** (torch.floor(torch.log2(amax)) - 7))
     assert (margin <= tol).all(), f"a decoded token is not (near) eager's choice: margin {margin.max():.4f} > {tol:.4f}"
 
 
