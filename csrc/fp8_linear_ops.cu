@@ -33,10 +33,8 @@ at::Tensor fp8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const 
     ADALLM_CHECK(n < (int64_t{1} << 31) && k < (int64_t{1} << 31), "adallm: weight too large: ", weight.sizes());
 
     const c10::cuda::CUDAGuard guard(x.device());
-    const at::Tensor x2 = contiguous16(x.reshape({-1, k}));
+    const auto [x2, out_shape] = linear_rows(x, k, n);
     const int64_t m = x2.size(0);
-    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-    out_shape.push_back(n);
     if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
     at::Tensor y = at::empty({m, n}, x.options());
 

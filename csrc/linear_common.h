@@ -32,6 +32,13 @@ inline at::Tensor contiguous16(const at::Tensor& t) {
     return aligned16(c) ? c : c.clone();
 }
 
+// A linear's x [..., K] as a contiguous, 16-byte aligned [M, K], and its output's shape [..., N].
+inline std::pair<at::Tensor, std::vector<int64_t>> linear_rows(const at::Tensor& x, int64_t k, int64_t n) {
+    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+    out_shape.push_back(n);
+    return {contiguous16(x.reshape({-1, k})), out_shape};
+}
+
 // Multiprocessors of a device (asked once per device: the GEMVs size their grids by it).
 inline int sm_count(int device) {
     static int cache[64] = {};

@@ -158,10 +158,8 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
     ADALLM_CHECK(!bias.has_value() || bias->device() == x.device(), "adallm: bias is on ", bias->device(),
                       " but x is on ", x.device());
     const c10::cuda::CUDAGuard guard(x.device());
-    const at::Tensor x2 = contiguous16(x.reshape({-1, k}));
+    const auto [x2, out_shape] = linear_rows(x, k, n);
     const int64_t m = x2.size(0);
-    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-    out_shape.push_back(n);
     if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
 
     const bool gemv = m <= kGemvMaxM && k % 32 == 0 && aligned16(weight);

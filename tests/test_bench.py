@@ -19,6 +19,17 @@ def _head_bytes(lm_head: str, n: int, k: int) -> int:
             }[lm_head]
 
 
+def _stub_gpu(monkeypatch, build_model, measure):
+    """bench as on a GPU, with these build_model and measure, a fixed copy bandwidth (1e12 B/s) and prefill rate."""
+    monkeypatch.setattr(bench, "build_model", build_model)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "measure_prefill", lambda *a, **kw: 1e4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu (stubbed)")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])  # gemma3: lm_head tied to the embedding
 @pytest.mark.parametrize("lm_head", ["dense", "fp8", "nvfp4"])
 def test_bench_lm_head(family, lm_head, monkeypatch, tmp_path, capsys):
@@ -31,13 +42,7 @@ def test_bench_lm_head(family, lm_head, monkeypatch, tmp_path, capsys):
         return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ttft_ms=1.0, decode_ms_per_step=1.0,
                     decode_tok_s=batch * 1e3, peak_gib=1.0)
 
-    monkeypatch.setattr(bench, "build_model", lambda name: model)
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1e12)
-    monkeypatch.setattr(bench, "measure", fake_measure)
-    monkeypatch.setattr(bench, "measure_prefill", lambda *a, **kw: 1e4)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu (stubbed)")
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    _stub_gpu(monkeypatch, lambda name: model, fake_measure)
     out = tmp_path / "bench.json"
     bench.main(["tiny", "--batches", "1", "--out", str(out)] + (["--lm-head", lm_head] if lm_head != "dense" else []))
     res = json.loads(out.read_text())
@@ -77,13 +82,7 @@ def test_bench_several_lm_heads_one_baseline(monkeypatch, tmp_path):
                     decode_ms_per_step=1.0 if kw.get("cache_implementation") == "static" else 0.25,
                     decode_tok_s=batch * 1e3, peak_gib=1.0)
 
-    monkeypatch.setattr(bench, "build_model", build)
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1e12)
-    monkeypatch.setattr(bench, "measure", fake_measure)
-    monkeypatch.setattr(bench, "measure_prefill", lambda *a, **kw: 1e4)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu (stubbed)")
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    _stub_gpu(monkeypatch, build, fake_measure)
     out = tmp_path / "bench.json"
     bench.main(["tiny", "--batches", "1,4", "--lm-head", "dense,fp8", "--out", str(out)])
     res = json.loads(out.read_text())

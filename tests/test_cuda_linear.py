@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import adallm_ops  # noqa: F401  (registers the ops and loads the CUDA kernels)
 from adallm_ops.reference import dequantize_nvfp4
 from bad_input_child import expect_value_errors, run_as_child
+from cuda_compare import check_close, poison
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -37,21 +38,6 @@ def random_nvfp4(n, k, experts=None):
     scale = codes.view(torch.float8_e4m3fn)
     g = torch.rand(lead, device=DEV) * 0.02 + 0.001
     return weight, scale, g
-
-
-def poison(numel, dtype):
-    """Leaves NaN-filled blocks of the output's size in the caching allocator: the op's output starts as NaN."""
-    blocks = [torch.full((numel,), float("nan"), device=DEV, dtype=dtype) for _ in range(4)]
-    del blocks
-
-
-def check_close(out, ref64, plain):
-    """STYLE.md rule: max |out - ref| <= 2 * max |plain - ref| + floor."""
-    assert torch.isfinite(out).all(), "unwritten or non-finite output"
-    err = (out.double() - ref64).abs().max().item()
-    plain_err = (plain.double() - ref64).abs().max().item()
-    floor = 1e-5 * ref64.abs().max().item() + 1e-6
-    assert err <= 2 * plain_err + floor, f"error {err:.3e} vs plain torch {plain_err:.3e} (floor {floor:.1e})"
 
 
 def linear_case(n, k, m, dtype, with_bias):
