@@ -8,7 +8,8 @@
 // Why its own kernel. An lm_head is the largest matrix of a decoder (Qwen3-8B: 151936 x 4096) and is read once
 // per token, so at batch 1 it is weight streaming like nvfp4_gemv.cuh. E4M3 has no per-block scale and converts
 // to fp16 exactly in one instruction per pair on sm_89+ (cvt.rn.f16x2.e4m3x2; sm_80: a bit trick, e4m3_unpack_factor),
-// so the decode that bounds the NVFP4 GEMVs is small here (~110 instructions per 4 KB against ~700).
+// so the decode that bounds the NVFP4 GEMVs is small here: 250 SASS instructions per 4 KB of weights on sm_90 against
+// ~700-900 (benchmarks/sass_mix.py; 83-92% of copy bandwidth on the H200, linear_notes.md, twelfth session).
 //
 // Math: mma.m16n8k16 in fp16 with A = 16 weight rows x 16 k and B = 16 k x 8 columns of x^T (x rows 0..7, or
 // 8..15 for the second m-tile), fp32 accumulation. fp16, not bf16: E4M3 -> fp16 is exact and cheap. bf16 x enters
@@ -26,8 +27,8 @@
 // (warp m scales row m: one warp per row, no barrier but the one after staging), zero past K up to whole items and
 // one zero row for lanes of rows m >= M (so the loop checks no k and no m), each row padded by 16 bytes so that the
 // 8 rows g of a B load fall in different banks. Warp i of the grid then takes the 16-row tiles
-// i, i + warps, i + 2 warps, ... over all of K (no partial sums to reduce), an item = VEC vectors of 16 bytes
-// per row per lane (64 VEC k), with the next item's weights loaded before this item's math.
+// i, i + warps, i + 2 warps, ... over all of K (no partial sums to reduce), an item = kFp8GemvVec vectors of 16
+// bytes per row per lane (256 k), with the next item's weights loaded before this item's math.
 #pragma once
 
 #include "dynamic_smem.cuh"
