@@ -77,8 +77,9 @@ class FP8Linear(nn.Module):
 
     Buffers (layout in adallm_ops/ops.py): weight float8_e4m3fn [N, K], weight_scale float32 [N]. The recipe is
     the FP8 KV cache's (adallm_ops.reference.fp8_quantize_rows): scale = row amax / 448, codes rounded to nearest.
-    Half the bytes of a BF16 weight at a fraction of NVFP4's error: on Gemma3-270M an FP8 lm_head adds 0.007 to
-    the NVFP4 decoder's KL where an NVFP4 one adds 0.117 (benchmarks/results/fp8_lm_head_accuracy_cpu_experiment.txt).
+    Half the bytes of a BF16 weight at a fraction of NVFP4's error: on Gemma3-270M an FP8 lm_head adds 0.008 to
+    the NVFP4 (mse) decoder's KL of 0.134 where an NVFP4 one adds 0.125 (benchmarks/accuracy.py, CPU fp32,
+    benchmarks/results/accuracy_cpu_fp32_fp8_head.json).
     """
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:

@@ -4,6 +4,7 @@
 //   otherwise (prefill, awkward alignment)        -> dequantize W * s to x.dtype in row chunks, cuBLAS per chunk
 // Neither path syncs with the host, so both are CUDA-graph safe.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -47,7 +48,7 @@ at::Tensor fp8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const 
         a.M = static_cast<int>(m);
         a.N = static_cast<int>(n);
         a.K = static_cast<int>(k);
-        const int sms = sm_count(x.get_device());
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // x's device (guarded)
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         const cudaError_t err = x.scalar_type() == at::kHalf ? launch_fp8_gemv<__half>(a, sms, stream)
                                                               : launch_fp8_gemv<__nv_bfloat16>(a, sms, stream);

@@ -1,9 +1,8 @@
-// Host helpers shared by the linear ops (nvfp4_ops.cu, fp8_linear_ops.cu): the activation check, alignment, the
-// SM count a GEMV sizes its grid by, and the size of prefill's dequantized weight chunks.
+// Host helpers shared by the linear ops (nvfp4_ops.cu, fp8_linear_ops.cu): the activation check, alignment, and the
+// size of prefill's dequantized weight chunks.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 
 #include "check.h"
 
@@ -37,18 +36,6 @@ inline std::pair<at::Tensor, std::vector<int64_t>> linear_rows(const at::Tensor&
     std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
     out_shape.push_back(n);
     return {contiguous16(x.reshape({-1, k})), out_shape};
-}
-
-// Multiprocessors of a device (asked once per device: the GEMVs size their grids by it).
-inline int sm_count(int device) {
-    static int cache[64] = {};
-    ADALLM_CHECK_RUNTIME(device >= 0 && device < 64, "adallm: device index ", device, " out of range");
-    if (cache[device] == 0) {
-        int n = 0;
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-        cache[device] = n;
-    }
-    return cache[device];
 }
 
 }  // namespace adallm

@@ -10,6 +10,7 @@
 // nvfp4_moe_linear runs the GEMV per (token, expert) pair, or, for many pairs outside graph capture (a
 // prefill), sorts them by expert and runs grouped GEMMs on dequantized experts (one host sync).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -79,7 +80,7 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
     a.M = static_cast<int>(m);
     a.N = static_cast<int>(n);
     a.K = static_cast<int>(k);
-    const int sms = sm_count(x.get_device());
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // x's device (guarded)
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     // M = 1 over many rows: nvfp4_gemv_rows.cuh; every other shape (and MoE): nvfp4_gemv.cuh.
     cudaError_t err = launch_nvfp4_gemv_rows<T>(a, sms, stream);
