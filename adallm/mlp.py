@@ -16,21 +16,45 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import nvfp4
 
 
+def glu_activation(act_fn: Callable) -> str | None:
+    """The name nvfp4_linear_glu knows act_fn by (adallm_ops.ops.GLU_ACTIVATIONS), found by what it computes on
+    probe values (transformers names its activation classes differently across versions), or None."""
+    probe = torch.linspace(-8.0, 8.0, 257)
+    with torch.no_grad():
+        out = act_fn(probe)
+    for name, ref in (("silu", F.silu(probe)), ("gelu_tanh", F.gelu(probe, approximate="tanh"))):
+        if torch.allclose(out, ref, rtol=1e-6, atol=1e-6):
+            return name
+    return None
+
+
 class NVFP4MLP(nn.Module):
-    """down_proj(act(gate) * up) with gate/up as one fused NVFP4 GEMV. x [..., H] -> [..., H]."""
+    """down_proj(act(gate) * up) with gate/up as one fused NVFP4 GEMV. x [..., H] -> [..., H].
+
+    One row (batch-1 decode) with a SiLU or tanh-GELU act runs the gate/up GEMV and the activation as one op
+    (adallm::nvfp4_linear_glu: the activation in the GEMV's epilogue on CUDA); other inputs run the GEMV, then act * up.
+    """
 
     def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, act_fn: Callable) -> None:
         super().__init__()
         self.gate_up_proj, self.down_proj, self.act_fn = gate_up_proj, down_proj, act_fn
+        self.glu_activation = glu_activation(act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split_outputs(self.gate_up_proj(x))
-        return self.down_proj(self.act_fn(gate) * up)
+        g = self.gate_up_proj
+        if self.glu_activation is not None and x.numel() == x.shape[-1] and g.bias is None:
+            h = torch.ops.adallm.nvfp4_linear_glu(x, g.weight, g.weight_scale, g.weight_global_scale,
+                                                  self.glu_activation)
+        else:
+            gate, up = g.split_outputs(g(x))
+            h = self.act_fn(gate) * up
+        return self.down_proj(h)
 
 
 class NVFP4Experts(nn.Module):

@@ -34,6 +34,10 @@ _defs = {
         "Tensor? bias) -> Tensor"
     ),
     "fp8_linear": "fp8_linear(Tensor x, Tensor weight, Tensor weight_scale) -> Tensor",
+    "nvfp4_linear_glu": (
+        "nvfp4_linear_glu(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, str activation) "
+        "-> Tensor"
+    ),
     "nvfp4_quantize": "nvfp4_quantize(Tensor x, Tensor global_scale) -> (Tensor, Tensor)",
     "nvfp4_moe_linear": (
         "nvfp4_moe_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, "
@@ -145,6 +149,35 @@ def _(x, weight, weight_scale, weight_global_scale, bias):
     if bias is not None:
         _require(bias.shape == (n,) and bias.dtype == x.dtype, f"bias must be {x.dtype} [{n}]")
     return x.new_empty((*x.shape[:-1], n))
+
+
+GLU_ACTIVATIONS = ("silu", "gelu_tanh")  # nvfp4_linear_glu's act: SiLU (Qwen3), GELU with the tanh approximation (Gemma3)
+
+
+def nvfp4_linear_glu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     weight_global_scale: torch.Tensor, activation: str) -> torch.Tensor:
+    """A gated MLP's first half: y = act(x @ W[:N/2].T) * (x @ W[N/2:].T), W = dequant(weight) [N, K] (gate rows, then
+    up rows: a fused gate_up NVFP4 weight), act one of GLU_ACTIVATIONS. The gate and up sums meet in fp32, unrounded.
+
+    x: bf16/fp16 [..., K]; weight: uint8 [N, K/2] (N even); weight_scale: e4m3 [N, K/16]; weight_global_scale: fp32 [].
+    Returns x.dtype [..., N/2]. Example: h = nvfp4_linear_glu(x, w, s, g, "silu")  # w [2I, K/2] -> h [..., I]
+    """
+    return torch.ops.adallm.nvfp4_linear_glu(x, weight, weight_scale, weight_global_scale, activation)
+
+
+def check_glu_args(x, weight, weight_scale, weight_global_scale, activation) -> int:
+    """Validates nvfp4_linear_glu's arguments; returns N."""
+    n, k = check_nvfp4_weight(weight, weight_scale, weight_global_scale)
+    check_activation(x, k, weight)
+    _require(activation in GLU_ACTIVATIONS, f"activation must be 'silu' or 'gelu_tanh', got {activation!r}")
+    _require(n % 2 == 0, f"N = {n} must be even (gate rows, then as many up rows)")
+    return n
+
+
+@torch.library.register_fake("adallm::nvfp4_linear_glu")
+def _(x, weight, weight_scale, weight_global_scale, activation):
+    n = check_glu_args(x, weight, weight_scale, weight_global_scale, activation)
+    return x.new_empty((*x.shape[:-1], n // 2))
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

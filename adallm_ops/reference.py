@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .ops import (E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, _require, check_activation, check_decode_attention_args, check_fp8_weight,
-                  check_kv_write_args, check_nvfp4_weight, check_qk_norm_rope_args, check_quantize_args,
-                  check_router_args)
+from .ops import (E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, _require, check_activation, check_decode_attention_args,
+                  check_fp8_weight, check_glu_args, check_kv_write_args, check_nvfp4_weight, check_qk_norm_rope_args,
+                  check_quantize_args, check_router_args)
 
 # E2M1 magnitudes by code 0..7; code | 8 is the negative.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -75,6 +75,15 @@ def nvfp4_linear(x, weight, weight_scale, weight_global_scale, bias):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+@torch.library.impl("adallm::nvfp4_linear_glu", "CPU")
+def nvfp4_linear_glu(x, weight, weight_scale, weight_global_scale, activation):
+    n = check_glu_args(x, weight, weight_scale, weight_global_scale, activation)
+    y = x.float() @ dequantize_nvfp4(weight, weight_scale, weight_global_scale).t()
+    gate, up = y[..., :n // 2], y[..., n // 2:]
+    act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    return (act * up).to(x.dtype)
 
 
 @torch.library.impl("adallm::fp8_linear", "CPU")

@@ -28,6 +28,15 @@ def main():
         b = torch.randn(n, dtype=torch.bfloat16)
         y = torch.ops.adallm.nvfp4_linear(x.to(dev), q.weight, q.weight_scale, q.weight_global_scale, b.to(dev))
         close(y, torch.ops.adallm.nvfp4_linear(x, q.weight.cpu(), q.weight_scale.cpu(), q.weight_global_scale.cpu(), b))
+    # nvfp4_linear_glu: the rows kernel's gated epilogue (a partial last round of output blocks, K = 4128's idle
+    # warp) and the fallback (M = 2).
+    glu_n = 64 * (2 * torch.cuda.get_device_properties(0).multi_processor_count + 1)
+    for m, n, k, act in [(1, glu_n, 4128, "silu"), (1, glu_n, 4128, "gelu_tanh"), (2, 96, 64, "silu")]:
+        q = nvfp4.quantize(torch.randn(n, k).to(dev), method="rtn")
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        w = (q.weight, q.weight_scale, q.weight_global_scale)
+        close(torch.ops.adallm.nvfp4_linear_glu(x.to(dev), *w, act),
+              torch.ops.adallm.nvfp4_linear_glu(x, *(t.cpu() for t in w), act))
     # fp8_linear: one m-tile and two, tails of N (not a multiple of 16) and of K (not a multiple of the 256-k item),
     # a row past the last whole tile of a warp, and the dequantize + cuBLAS path (M = 17).
     for m, n, k in [(1, 40, 96), (1, 4099, 640), (9, 2051, 5376), (16, 17, 80), (17, 40, 96)]:

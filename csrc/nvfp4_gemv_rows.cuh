@@ -1,4 +1,5 @@
-// NVFP4 GEMV for dense layers at M = 1 (batch-1 decode): y[1, N] = x[1, K] @ dequant(W)[N, K]^T (+ bias).
+// NVFP4 GEMV for dense layers at M = 1 (batch-1 decode): y[1, N] = x[1, K] @ dequant(W)[N, K]^T (+ bias), or a gated
+// MLP's act(gate) * up (the gated epilogue, at the end of this comment).
 // Same data and formats as nvfp4_gemv.cuh (read that first). Two changes cut the instructions per weight, which
 // bound that kernel (its issue rate stays near 0.56 per cycle however many warps are resident, linear_notes.md);
 // a third overlaps the loads with the math. The launcher takes it only for layers with many rows (kRowsMinBlocksPerSm).
@@ -29,6 +30,11 @@
 // (red[i][w][row], added to across passes; no barrier in the loop). After the last pass one barrier, and the CTA
 // adds the W partials of each row in a fixed order (deterministic), scales by the global scale, adds the bias.
 // Rows past N read row N - 1, never stored; slots past K read slot 0 with zero x: no load is guarded.
+//
+// Gated epilogue (ACT != kActNone, adallm::nvfp4_linear_glu): W is a fused gate_up weight (gate rows [0, N/2), up
+// rows [N/2, N)) and y [1, N/2] = act(gate) * up. The CTA walks, for each of its output blocks, the gate block and
+// the up block N/64 blocks later (rows_block), so both sums of an output are in its shared memory at the end: the
+// activation costs no launch and no round trip of the 2 N outputs.
 #pragma once
 
 #include "dynamic_smem.cuh"
@@ -41,7 +47,34 @@ namespace adallm {
 constexpr int kRowsStepSlots = 8;  // 2 vectors of 4 lanes: 256 k per warp step
 constexpr int kRowsMaxWarps = 16;
 
-template <typename T>
+// The gated epilogue (nvfp4_linear_glu): y[n] = act(gate[n]) * up[n] with gate = rows [0, N/2), up = rows [N/2, N).
+enum RowsAct : int { kActNone = 0, kActSilu = 1, kActGeluTanh = 2 };
+
+template <int ACT>
+__device__ __forceinline__ float rows_act(float v) {
+    if constexpr (ACT == kActSilu) {
+        return v / (1.0f + __expf(-v));
+    } else {
+        constexpr float kSqrt2OverPi = 0.7978845608028654f;
+        return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
+    }
+}
+
+// The CTA's i-th 32-row block. Plain (ACT = kActNone): blockIdx.x + i gridDim.x. Gated: the CTA owns the output
+// blocks j' = blockIdx.x + j gridDim.x (32 outputs each) and walks, for each, its gate block j' (i = 2j) and its up
+// block j' + half (i = 2j + 1), so both sums of an output meet in the CTA's shared memory.
+template <int ACT>
+__device__ __forceinline__ int rows_block(int i, int half) {
+    if constexpr (ACT == kActNone) return blockIdx.x + i * gridDim.x;
+    return blockIdx.x + (i >> 1) * gridDim.x + (i & 1) * half;
+}
+template <int ACT>
+__device__ __forceinline__ bool rows_block_in_range(int i, int blocks) {
+    if constexpr (ACT == kActNone) return rows_block<ACT>(i, 0) < blocks;
+    return blockIdx.x + (i >> 1) * gridDim.x < blocks / 2;
+}
+
+template <typename T, int ACT>
 __global__ void __launch_bounds__(kRowsMaxWarps * 32, 1)
 nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
     extern __shared__ float red[];  // [blocks_per_cta][W][32 rows]
@@ -164,8 +197,9 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
         load_tile(0, blockIdx.x);
         load_tile(1, blockIdx.x);
         for (int i = 0; i < blocks_per_cta; ++i) {
-            const int block = blockIdx.x + i * gridDim.x;
-            if (block >= blocks) break;
+            if (!rows_block_in_range<ACT>(i, blocks)) break;
+            const int block = rows_block<ACT>(i, blocks / 2);
+            const bool next = rows_block_in_range<ACT>(i + 1, blocks);
             float sum[2][2] = {};  // [h][r]: this lane's slots' scaled sums of rows g, g + 8 of tile h
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -192,7 +226,7 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
                     sum[h][0] = fmaf(c[1], fA.y, fmaf(c[0], fA.x, sum[h][0]));
                     sum[h][1] = fmaf(c[3], fB.y, fmaf(c[2], fB.x, sum[h][1]));
                 }
-                if (block + static_cast<int>(gridDim.x) < blocks) load_tile(h, block + gridDim.x);
+                if (next) load_tile(h, rows_block<ACT>(i + 1, blocks / 2));
             }
             // The 4 lanes t of row g hold its 4 slots' sums: add them, lane t = 0 keeps the warp's partial.
 #pragma unroll
@@ -214,17 +248,30 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
     const float gscale = a.gs[0];
     const T* bias = static_cast<const T*>(a.bias);
     T* y = static_cast<T*>(a.y);
-    // Consecutive threads take consecutive rows (contiguous in y).
-    for (int idx = threadIdx.x; idx < blocks_per_cta * 32; idx += blockDim.x) {
-        const int i = idx / 32, row = idx % 32;
-        const int n = 32 * (blockIdx.x + i * gridDim.x) + row;
-        if (n >= N) continue;
+    auto total = [&](int i, int row) {  // the W warps' partials of (block slot i, row), in a fixed order
         const float* part = red + i * W * 32 + row;
-        float total = 0.0f;
-        for (int k = 0; k < W; ++k) total += part[32 * k];
-        float out = total * gscale;
-        if (bias != nullptr) out += to_float(bias[n]);
-        y[n] = from_float<T>(out);
+        float sum = 0.0f;
+        for (int k = 0; k < W; ++k) sum += part[32 * k];
+        return sum;
+    };
+    if constexpr (ACT != kActNone) {  // y [1, N/2]: act(gate) * up of each output; no bias (the launcher checks)
+        for (int idx = threadIdx.x; idx < blocks_per_cta / 2 * 32; idx += blockDim.x) {
+            const int j = idx / 32, row = idx % 32;
+            const int out_block = blockIdx.x + j * gridDim.x;
+            if (out_block >= blocks / 2) continue;
+            y[32 * out_block + row] =
+                from_float<T>(rows_act<ACT>(total(2 * j, row) * gscale) * (total(2 * j + 1, row) * gscale));
+        }
+    } else {
+        // Consecutive threads take consecutive rows (contiguous in y).
+        for (int idx = threadIdx.x; idx < blocks_per_cta * 32; idx += blockDim.x) {
+            const int i = idx / 32, row = idx % 32;
+            const int n = 32 * (blockIdx.x + i * gridDim.x) + row;
+            if (n >= N) continue;
+            float out = total(i, row) * gscale;
+            if (bias != nullptr) out += to_float(bias[n]);
+            y[n] = from_float<T>(out);
+        }
     }
 }
 
@@ -240,23 +287,34 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
 // Gemma3-27B's (10.2), 0.72x at Qwen3-8B's lm_head (36); at 1-2 blocks per SM 0.99-1.06x, no gain.
 constexpr int kRowsMinBlocksPerSm = 4;
 
+// act (RowsAct) != kActNone: the gated epilogue, y [1, N/2]; needs N % 64 == 0 (whole gate and up blocks) and no bias.
 template <typename T>
-cudaError_t launch_nvfp4_gemv_rows(const Nvfp4GemvArgs& a, int num_sms, cudaStream_t stream) {
+cudaError_t launch_nvfp4_gemv_rows(const Nvfp4GemvArgs& a, int num_sms, cudaStream_t stream, int act = kActNone) {
     const int blocks = (a.N + 31) / 32;
     if (a.expert_ids != nullptr || a.M != 1 || blocks < num_sms * kRowsMinBlocksPerSm) return cudaErrorNotSupported;
     if (!gemv_offsets_fit_32bit(a)) return cudaErrorNotSupported;
+    if (act != kActNone && (a.N % 64 != 0 || a.bias != nullptr)) return cudaErrorNotSupported;
     const int steps = (a.K / 32 + kRowsStepSlots - 1) / kRowsStepSlots;
     const int passes = (steps + kRowsMaxWarps - 1) / kRowsMaxWarps;
     const int warps = (steps + passes - 1) / passes;
-    const int grid = num_sms;  // blocks >= 4 num_sms: every CTA has a block
-    const int blocks_per_cta = (blocks + grid - 1) / grid;
+    const int grid = num_sms;  // blocks >= 4 num_sms: every CTA has a block (gated: an output block)
+    const int blocks_per_cta = act == kActNone ? (blocks + grid - 1) / grid : 2 * ((blocks / 2 + grid - 1) / grid);
     const int smem = static_cast<int>(sizeof(float)) * blocks_per_cta * warps * 32;
     static int smem_cache[64] = {};
     int optin = 0;
-    const cudaError_t err = dynamic_smem_optin(smem_cache, optin, nvfp4_gemv_rows_kernel<T>);
+    const cudaError_t err = dynamic_smem_optin(smem_cache, optin, nvfp4_gemv_rows_kernel<T, kActNone>,
+                                               nvfp4_gemv_rows_kernel<T, kActSilu>,
+                                               nvfp4_gemv_rows_kernel<T, kActGeluTanh>);
     if (err != cudaSuccess) return err;
     if (smem > optin) return cudaErrorNotSupported;
-    nvfp4_gemv_rows_kernel<T><<<grid, warps * 32, smem, stream>>>(a, passes, blocks_per_cta);
+    const dim3 block(warps * 32);
+    switch (act) {
+        case kActSilu: nvfp4_gemv_rows_kernel<T, kActSilu><<<grid, block, smem, stream>>>(a, passes, blocks_per_cta); break;
+        case kActGeluTanh:
+            nvfp4_gemv_rows_kernel<T, kActGeluTanh><<<grid, block, smem, stream>>>(a, passes, blocks_per_cta);
+            break;
+        default: nvfp4_gemv_rows_kernel<T, kActNone><<<grid, block, smem, stream>>>(a, passes, blocks_per_cta);
+    }
     return cudaGetLastError();
 }
 

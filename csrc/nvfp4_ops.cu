@@ -1,12 +1,15 @@
-// CUDA impls of adallm::nvfp4_quantize, adallm::nvfp4_linear and adallm::nvfp4_moe_linear: argument
-// checks (the same as adallm_ops/ops.py, raised as ValueError), dtype dispatch and kernel choice. The
-// kernels themselves (raw pointers, no torch) are in nvfp4_gemv.cuh, nvfp4_gemv_rows.cuh and nvfp4_quant.cuh.
+// CUDA impls of adallm::nvfp4_quantize, adallm::nvfp4_linear, adallm::nvfp4_linear_glu and
+// adallm::nvfp4_moe_linear: argument checks (the same as adallm_ops/ops.py, raised as ValueError), dtype dispatch
+// and kernel choice. The kernels themselves (raw pointers, no torch) are in nvfp4_gemv.cuh, nvfp4_gemv_rows.cuh and
+// nvfp4_quant.cuh.
 //
 // nvfp4_linear picks its kernel by M = rows of x (flattened):
 //   M = 1 and N >= 4 x 32 rows per SM (same conditions) -> the rows GEMV (nvfp4_gemv_rows.cuh)
 //   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh)
 //   otherwise                                       -> dequantize W to x.dtype in row chunks, cuBLAS per chunk
 // Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.
+// nvfp4_linear_glu (a gated MLP's gate_up GEMV and act(gate) * up) is one rows-GEMV launch with the gated epilogue
+// at M = 1 on a rows-kernel shape with N % 64 == 0, else nvfp4_linear followed by ATen's activation and product.
 // nvfp4_moe_linear runs the GEMV per (token, expert) pair, or, for many pairs outside graph capture (a
 // prefill), sorts them by expert and runs grouped GEMMs on dequantized experts (one host sync).
 #include <ATen/ATen.h>
@@ -62,10 +65,9 @@ std::pair<int64_t, int64_t> check_nvfp4_weight(const at::Tensor& weight, const a
     return {n, k};
 }
 
-template <typename T>
-void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-              const at::Tensor& global_scale, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-              const at::Tensor* expert_ids, int pairs, int x_pair_div, int64_t m, int64_t n, int64_t k) {
+Nvfp4GemvArgs gemv_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                        const at::Tensor& global_scale, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                        const at::Tensor* expert_ids, int x_pair_div, int64_t m, int64_t n, int64_t k) {
     Nvfp4GemvArgs a{};
     a.x = x.data_ptr();
     a.w = weight.data_ptr<uint8_t>();
@@ -80,6 +82,14 @@ void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w
     a.M = static_cast<int>(m);
     a.N = static_cast<int>(n);
     a.K = static_cast<int>(k);
+    return a;
+}
+
+template <typename T>
+void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+              const at::Tensor& global_scale, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+              const at::Tensor* expert_ids, int pairs, int x_pair_div, int64_t m, int64_t n, int64_t k) {
+    const Nvfp4GemvArgs a = gemv_args(x, weight, weight_scale, global_scale, bias, y, expert_ids, x_pair_div, m, n, k);
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // x's device (guarded)
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     // M = 1 over many rows: nvfp4_gemv_rows.cuh; every other shape (and MoE): nvfp4_gemv.cuh.
@@ -193,6 +203,41 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
     return y.reshape(out_shape);
 }
 
+// y = act(x W_gate^T) * (x W_up^T), W = [W_gate; W_up] one NVFP4 weight [N, K] (gate rows then up rows).
+// M = 1 on a rows-kernel shape: one launch, the activation in the rows kernel's epilogue; otherwise the linear,
+// then the activation and the product (ATen).
+at::Tensor nvfp4_linear_glu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                                 const at::Tensor& weight_global_scale, c10::string_view activation) {
+    const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, false);
+    check_activation(x, k, weight);
+    const bool silu = activation == "silu";
+    ADALLM_CHECK(silu || activation == "gelu_tanh", "adallm: activation must be 'silu' or 'gelu_tanh', got '",
+                 std::string(activation), "'");
+    ADALLM_CHECK(n % 2 == 0, "adallm: N = ", n, " must be even (gate rows, then as many up rows)");
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto [x2, full_shape] = linear_rows(x, k, n);
+    std::vector<int64_t> out_shape = full_shape;
+    out_shape.back() = n / 2;
+    const int64_t m = x2.size(0);
+    if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
+    if (m == 1 && k % 32 == 0 && aligned16(weight)) {
+        at::Tensor y = at::empty({1, n / 2}, x.options());
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+        const int act = silu ? kActSilu : kActGeluTanh;
+        const Nvfp4GemvArgs a = gemv_args(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, nullptr, 1, 1, n, k);
+        const cudaError_t err = x.scalar_type() == at::kHalf ? launch_nvfp4_gemv_rows<__half>(a, sms, stream, act)
+                                                              : launch_nvfp4_gemv_rows<__nv_bfloat16>(a, sms, stream, act);
+        if (err != cudaErrorNotSupported) {
+            check_launch(err, "nvfp4_gemv_rows (gated)");
+            return y.reshape(out_shape);
+        }
+    }
+    const at::Tensor full = nvfp4_linear_cuda(x2, weight, weight_scale, weight_global_scale, c10::nullopt);
+    const at::Tensor gate = full.narrow(1, 0, n / 2), up = full.narrow(1, n / 2, n / 2);
+    return (silu ? at::silu(gate) : at::gelu(gate, "tanh")).mul_(up).reshape(out_shape);
+}
+
 at::Tensor nvfp4_moe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                                  const at::Tensor& weight_global_scale, const at::Tensor& expert_ids) {
     const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, true);
@@ -291,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor> nvfp4_quantize_cuda(const at::Tensor& x, cons
 
 TORCH_LIBRARY_IMPL(adallm, CUDA, m) {
     m.impl("nvfp4_linear", &nvfp4_linear_cuda);
+    m.impl("nvfp4_linear_glu", &nvfp4_linear_glu_cuda);
     m.impl("nvfp4_moe_linear", &nvfp4_moe_linear_cuda);
     m.impl("nvfp4_quantize", &nvfp4_quantize_cuda);
 }

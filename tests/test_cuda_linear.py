@@ -251,6 +251,44 @@ def test_quantize_bit_exact_edge_cases():
 
 
 # ---------------------------------------------------------------------------------------------------
+# nvfp4_linear_glu: the gated epilogue of the rows kernel (M = 1, N % 64 == 0, enough rows) and the fallback.
+
+def _glu64(x, w, s, g, activation):
+    full = x.double() @ dequantize_nvfp4(w, s, g).double().t()
+    gate, up = full.chunk(2, dim=-1)
+    act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    return act * up
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,m", [(24576, 4096, 1), (43008, 5376, 1),  # Qwen3-8B / Gemma3-27B gate_up: fused
+                                   (24576 + 32, 4096, 1),  # N % 64 != 0: the fallback
+                                   (512, 256, 1), (24576, 4096, 4)])  # too few rows, M > 1: the fallback
+def test_linear_glu(n, k, m, dtype, activation):
+    w, s, g = random_nvfp4(n, k)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    poison(m * n // 2, dtype)
+    out = torch.ops.adallm.nvfp4_linear_glu(x, w, s, g, activation)
+    assert out.shape == (m, n // 2) and out.dtype == dtype
+    gate, up = F.linear(x, dequantize_nvfp4(w, s, g).to(dtype)).chunk(2, dim=-1)
+    plain = (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up
+    check_close(out, _glu64(x, w, s, g, activation), plain)
+
+
+def test_linear_glu_cuda_graph():
+    w, s, g = random_nvfp4(24576, 4096)
+    x = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
+    torch.ops.adallm.nvfp4_linear_glu(x, w, s, g, "silu")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.adallm.nvfp4_linear_glu(x, w, s, g, "silu")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(y, torch.ops.adallm.nvfp4_linear_glu(x, w, s, g, "silu"))
+
+
+# ---------------------------------------------------------------------------------------------------
 # opcheck on both linear paths and the routed experts; argument errors.
 
 def test_opcheck_cuda_paths():
@@ -282,6 +320,7 @@ def _bad_input_cases():
                      torch.randint(0, 255, (32, 20), dtype=torch.uint8, device=DEV),
                      torch.ones(32, 2, device=DEV).to(torch.float8_e4m3fn), g, None), "must be a multiple of 16"),
         (lambda: torch.ops.adallm.nvfp4_quantize(torch.randn(4, 40, device=DEV), g), "K = 40 must be a multiple of 16"),
+        (lambda: torch.ops.adallm.nvfp4_linear_glu(x, w, s, g, "relu"), "activation must be 'silu' or 'gelu_tanh'"),
         (lambda: torch.ops.adallm.nvfp4_moe_linear(x, *random_nvfp4(32, 64, experts=2), torch.zeros(2, 2, device=DEV)),
          "expert_ids must be int32/int64"),
     ]

@@ -24,6 +24,7 @@ def samples(device):
     return {
         "nvfp4_linear": [(x, *w, None), (x, *w, torch.randn(24, dtype=torch.bfloat16, device=device))],
         "fp8_linear": [(x, *fp8_quantize_rows(torch.randn(24, 64, device=device)))],
+        "nvfp4_linear_glu": [(x, *w, "silu"), (x[:1], *w, "gelu_tanh")],
         "nvfp4_quantize": [(torch.randn(8, 32, device=device), torch.tensor(0.01, device=device))],
         "nvfp4_moe_linear": [(x, *ew, ids), (torch.randn(3, 2, 64, dtype=torch.bfloat16, device=device), *ew, ids)],
         "moe_router_topk": [(x, torch.randn(6, 64, dtype=torch.bfloat16, device=device), 2, True),
@@ -45,11 +46,11 @@ def samples(device):
     }
 
 
-OPS = ["nvfp4_linear", "fp8_linear", "nvfp4_quantize", "nvfp4_moe_linear", "moe_router_topk", "fp8_kv_write",
+OPS = ["nvfp4_linear", "nvfp4_linear_glu", "fp8_linear", "nvfp4_quantize", "nvfp4_moe_linear", "moe_router_topk", "fp8_kv_write",
        "qk_norm_rope_kv_write", "fp8_decode_attention"]
 # opcheck's test_schema compares inputs before/after with torch.allclose, which has no float8 kernel, so
 # it cannot run on ops taking float8 tensors; test_declared_mutations below checks the same by bytes.
-TAKES_FP8 = {"nvfp4_linear", "fp8_linear", "nvfp4_moe_linear", "fp8_kv_write", "qk_norm_rope_kv_write", "fp8_decode_attention"}
+TAKES_FP8 = {"nvfp4_linear", "nvfp4_linear_glu", "fp8_linear", "nvfp4_moe_linear", "fp8_kv_write", "qk_norm_rope_kv_write", "fp8_decode_attention"}
 ALL_BUT_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 

@@ -184,3 +184,26 @@ def test_bad_inputs_raise_clear_errors(call, msg):
     q = nvfp4.quantize(torch.randn(8, 32))
     with pytest.raises(ValueError, match=msg):
         call((q.weight, q.weight_scale, q.weight_global_scale))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_nvfp4_linear_glu_vs_float64(activation):
+    q = nvfp4.quantize(torch.randn(48, 64))
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    y = adallm_ops.nvfp4_linear_glu(x, q.weight, q.weight_scale, q.weight_global_scale, activation)
+    full = x.double() @ q.dequantize(torch.float64).t()
+    gate, up = full[..., :24], full[..., 24:]
+    act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), act * up, rtol=1e-2, atol=1e-2 * (act * up).abs().max().item())
+
+
+def test_nvfp4_linear_glu_bad_inputs():
+    q = nvfp4.quantize(torch.randn(48, 64))
+    w = (q.weight, q.weight_scale, q.weight_global_scale)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="activation must be 'silu' or 'gelu_tanh', got 'relu'"):
+        adallm_ops.nvfp4_linear_glu(x, *w, "relu")
+    odd = nvfp4.quantize(torch.randn(49, 64))
+    with pytest.raises(ValueError, match="N = 49 must be even"):
+        adallm_ops.nvfp4_linear_glu(x, odd.weight, odd.weight_scale, odd.weight_global_scale, "silu")
