@@ -10,5 +10,5 @@ from .ops import (fp8_decode_attention, fp8_kv_write, fp8_linear, moe_router_top
 
 load_cuda_kernels()
 
-__all__ = ["nvfp4_linear", "nvfp4_linear_glu", "fp8_linear", "nvfp4_quantize", "nvfp4_moe_linear", "moe_router_topk", "fp8_kv_write",
-           "qk_norm_rope_kv_write", "fp8_decode_attention"]
+__all__ = ["nvfp4_linear", "nvfp4_linear_glu", "fp8_linear", "nvfp4_quantize", "nvfp4_moe_linear", "moe_router_topk",
+           "fp8_kv_write", "qk_norm_rope_kv_write", "fp8_decode_attention"]

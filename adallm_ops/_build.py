@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .ops import OP_NAMES
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DEFAULT_ARCHS = ("8.0", "8.9", "9.0")
 MIN_CAPABILITY = (8, 0)
-OP_NAMES = ("nvfp4_linear", "nvfp4_linear_glu", "fp8_linear", "nvfp4_quantize", "nvfp4_moe_linear", "moe_router_topk", "fp8_kv_write",
-            "qk_norm_rope_kv_write", "fp8_decode_attention")
 
 load_error: str | None = None  # why the CUDA kernels are unavailable, or None once loaded
 

@@ -60,6 +60,7 @@ _defs = {
 }
 for _name, _schema in _defs.items():
     torch.library.define(f"adallm::{_schema.split('(', 1)[0]}", "(" + _schema.split("(", 1)[1])
+OP_NAMES = tuple(_defs)  # every op of the library (the CUDA build registers each; opcheck tests each)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ def _(x, weight, weight_scale, weight_global_scale, bias):
     return x.new_empty((*x.shape[:-1], n))
 
 
-GLU_ACTIVATIONS = ("silu", "gelu_tanh")  # nvfp4_linear_glu's act: SiLU (Qwen3), GELU with the tanh approximation (Gemma3)
+# nvfp4_linear_glu's act: SiLU (Qwen3), GELU with the tanh approximation (Gemma3)
+GLU_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 def nvfp4_linear_glu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

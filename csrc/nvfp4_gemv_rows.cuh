@@ -309,7 +309,9 @@ cudaError_t launch_nvfp4_gemv_rows(const Nvfp4GemvArgs& a, int num_sms, cudaStre
     if (smem > optin) return cudaErrorNotSupported;
     const dim3 block(warps * 32);
     switch (act) {
-        case kActSilu: nvfp4_gemv_rows_kernel<T, kActSilu><<<grid, block, smem, stream>>>(a, passes, blocks_per_cta); break;
+        case kActSilu:
+            nvfp4_gemv_rows_kernel<T, kActSilu><<<grid, block, smem, stream>>>(a, passes, blocks_per_cta);
+            break;
         case kActGeluTanh:
             nvfp4_gemv_rows_kernel<T, kActGeluTanh><<<grid, block, smem, stream>>>(a, passes, blocks_per_cta);
             break;

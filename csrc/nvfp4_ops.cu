@@ -222,12 +222,14 @@ at::Tensor nvfp4_linear_glu_cuda(const at::Tensor& x, const at::Tensor& weight, 
     if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
     if (m == 1 && k % 32 == 0 && aligned16(weight)) {
         at::Tensor y = at::empty({1, n / 2}, x.options());
-        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // x's device (guarded)
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         const int act = silu ? kActSilu : kActGeluTanh;
-        const Nvfp4GemvArgs a = gemv_args(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, nullptr, 1, 1, n, k);
-        const cudaError_t err = x.scalar_type() == at::kHalf ? launch_nvfp4_gemv_rows<__half>(a, sms, stream, act)
-                                                              : launch_nvfp4_gemv_rows<__nv_bfloat16>(a, sms, stream, act);
+        const Nvfp4GemvArgs a =
+            gemv_args(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, nullptr, 1, 1, n, k);
+        const cudaError_t err = x.scalar_type() == at::kHalf
+                                    ? launch_nvfp4_gemv_rows<__half>(a, sms, stream, act)
+                                    : launch_nvfp4_gemv_rows<__nv_bfloat16>(a, sms, stream, act);
         if (err != cudaErrorNotSupported) {
             check_launch(err, "nvfp4_gemv_rows (gated)");
             return y.reshape(out_shape);
