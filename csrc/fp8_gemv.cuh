@@ -9,7 +9,8 @@
 // per token, so at batch 1 it is weight streaming like nvfp4_gemv.cuh. E4M3 has no per-block scale and converts
 // to fp16 exactly in one instruction per pair on sm_89+ (cvt.rn.f16x2.e4m3x2; sm_80: a bit trick, e4m3_unpack_factor),
 // so the decode that bounds the NVFP4 GEMVs is small here: 250 SASS instructions per 4 KB of weights on sm_90 against
-// ~700-900 (benchmarks/sass_mix.py; 83-92% of copy bandwidth on the H200, linear_notes.md, twelfth session).
+// ~700-900 (benchmarks/sass_mix.py; 83-92% of copy bandwidth on the H200, linear_notes.md, twelfth session; Qwen3-8B's
+// head at M = 1 85% since the warp-major numbering below, fifteenth session).
 //
 // Math: mma.m16n8k16 in fp16 with A = 16 weight rows x 16 k and B = 16 k x 8 columns of x^T (x rows 0..7, or
 // 8..15 for the second m-tile), fp32 accumulation. fp16, not bf16: E4M3 -> fp16 is exact and cheap. bf16 x enters
