@@ -9,8 +9,7 @@
 // per token, so at batch 1 it is weight streaming like nvfp4_gemv.cuh. E4M3 has no per-block scale and converts
 // to fp16 exactly in one instruction per pair on sm_89+ (cvt.rn.f16x2.e4m3x2; sm_80: a bit trick, e4m3_unpack_factor),
 // so the decode that bounds the NVFP4 GEMVs is small here: 250 SASS instructions per 4 KB of weights on sm_90 against
-// ~700-900 (benchmarks/sass_mix.py; 83-92% of copy bandwidth on the H200, linear_notes.md, twelfth session; Qwen3-8B's
-// head at M = 1 85% since the warp-major numbering below, fifteenth session).
+// ~700-900 (benchmarks/sass_mix.py; 83-92% of copy bandwidth on the H200, linear_notes.md, twelfth session).
 //
 // Math: mma.m16n8k16 in fp16 with A = 16 weight rows x 16 k and B = 16 k x 8 columns of x^T (x rows 0..7, or
 // 8..15 for the second m-tile), fp32 accumulation. fp16, not bf16: E4M3 -> fp16 is exact and cheap. bf16 x enters
@@ -33,8 +32,9 @@
 // Warps are numbered warp-major, i = warp * gridDim.x + blockIdx.x, so the warps that get one tile more (the lowest
 // tiles % warps of them) are spread over all SMs: every SM then has about tiles / gridDim.x tiles. Numbered CTA-major,
 // they filled whole CTAs first: Qwen3-8B's head (9496 tiles, 2112 warps on 132 SMs) gave SMs 0-64 80 tiles each and
-// SMs 66-131 64 (a balanced share is 71.9). Measured at M = 1 on the H200: 182.4 -> 175.6 us per call (less than
-// 80 / 71.9: within an SM, warps that end early leave their share of issue and bandwidth to the others).
+// SMs 66-131 64 (a balanced share is 71.9). Measured at M = 1 on the H200: 182.4 -> 175.6 us per call, 85% of copy
+// bandwidth (less than 80 / 71.9: within an SM, warps that end early leave their share of issue and bandwidth to the
+// others; linear_notes.md, fifteenth session).
 #pragma once
 
 #include "dynamic_smem.cuh"
