@@ -36,6 +36,8 @@ class NVFP4Attention(nn.Module):
     family's apply_rotary_pos_emb(q, k, cos, sin); eager_attention: the family's eager attention function
     (used only on the transformers path when the model runs attn_implementation="eager");
     norm_weight_offset: the q/k norms multiply by weight + offset (Gemma3: 1), for the fused decode op.
+    forward's norm (the layer's input Qwen3RMSNorm) and residual (added to the output) go into the projections'
+    ops (NVFP4Linear.forward): a decoder layer that passes them skips its own norm and residual add.
     """
 
     def __init__(self, config, layer_idx: int, qkv_proj: nn.Module, o_proj: nn.Module, q_norm: nn.Module,
@@ -60,13 +62,14 @@ class NVFP4Attention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None,
+                norm: nn.Module | None = None, residual: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
         cache = cache if cache is not None else past_key_values  # renamed `cache` in transformers 5.2x
         b, s, _ = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states)
+        qkv = self.qkv_proj(hidden_states, norm)
         if isinstance(cache, Fp8KVCache) and s == 1:
             out = self._decode(qkv.view(b, -1), position_embeddings, cache.layers[self.layer_idx])
-            return self.o_proj(out.view(b, 1, -1)), None
+            return self.o_proj(out.view(b, 1, -1), residual=residual), None
         q, k, v = self.qkv_proj.split_outputs(qkv)
         q = self.q_norm(q.view(b, s, -1, self.head_dim)).transpose(1, 2)  # [B, Hq, S, D]
         k = self.k_norm(k.view(b, s, -1, self.head_dim)).transpose(1, 2)  # [B, Hkv, S, D]
@@ -78,7 +81,7 @@ class NVFP4Attention(nn.Module):
             out = self._prefill(q, k, v, attention_mask, cache.layers[self.layer_idx])
         else:
             out = self._transformers_attention(q, k, v, attention_mask, cache, kwargs)
-        return self.o_proj(out.reshape(b, s, -1)), None
+        return self.o_proj(out.reshape(b, s, -1), residual=residual), None
 
     def _decode(self, qkv: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 layer: Fp8CacheLayer) -> torch.Tensor:

@@ -350,7 +350,9 @@ class SeparateParts(nn.Module):
                 _set(lin, "bias", b.clone())
             self.linears.append(lin)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        if norm is not None:  # normalized once for all parts (NVFP4Linear.forward's norm)
+            x = norm(x)
         return torch.cat([lin(x) for lin in self.linears], dim=-1)
 
     def split_outputs(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -55,8 +55,13 @@ class NVFP4Linear(nn.Module):
             mod.bias = torch.cat([lin.bias.detach() for lin in linears])
         return mod
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.adallm.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.bias)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] -> [..., N]. norm: a Qwen3RMSNorm over K applied to x first; residual [..., N]: added to the
+        output (a decoder layer's residual add). On one row both run inside the GEMV (no extra launch)."""
+        x, norm_weight, eps = norm_for_gemv(x, norm)
+        return torch.ops.adallm.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.bias,
+                                             residual, norm_weight, eps)
 
     def split_outputs(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(y, self.part_sizes, dim=-1)
@@ -67,6 +72,17 @@ class NVFP4Linear(nn.Module):
     def extra_repr(self) -> str:
         fused = f", parts={self.parts}" if self.parts else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, nvfp4{fused}"
+
+
+def norm_for_gemv(x: torch.Tensor, norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(x, norm_weight, eps) for the nvfp4 ops' RMSNorm arguments. One row (batch-1 decode): the op applies the norm
+    (the rows GEMV's prologue on CUDA); more rows: the norm module runs first (compiled, inductor fuses it with its
+    neighbours) and the op gets none. norm: a Qwen3RMSNorm (`weight`, `variance_epsilon`) or None."""
+    if norm is None:
+        return x, None, 0.0
+    if x.numel() != x.shape[-1]:
+        return norm(x), None, 0.0
+    return x, norm.weight, float(norm.variance_epsilon)
 
 
 _QUANTIZE_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 per chunk

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nvfp4
+from .linear import NVFP4Linear, norm_for_gemv
 
 
 def glu_activation(act_fn: Callable) -> str | None:
@@ -39,6 +40,8 @@ class NVFP4MLP(nn.Module):
 
     One row (batch-1 decode) with a SiLU or tanh-GELU act runs the gate/up GEMV and the activation as one op
     (adallm::nvfp4_linear_glu: the activation in the GEMV's epilogue on CUDA); other inputs run the GEMV, then act * up.
+    forward's norm (the layer's Qwen3RMSNorm before the MLP) and residual (added to the output) go into the ops as in
+    NVFP4Linear.forward.
     """
 
     def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, act_fn: Callable) -> None:
@@ -46,15 +49,18 @@ class NVFP4MLP(nn.Module):
         self.gate_up_proj, self.down_proj, self.act_fn = gate_up_proj, down_proj, act_fn
         self.glu_activation = glu_activation(act_fn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         g = self.gate_up_proj
-        if self.glu_activation is not None and x.numel() == x.shape[-1] and g.bias is None:
+        # (a gate_up loaded as separate parts, checkpoint.SeparateParts, runs the second way)
+        if self.glu_activation is not None and x.numel() == x.shape[-1] and isinstance(g, NVFP4Linear) and g.bias is None:
+            x, norm_weight, eps = norm_for_gemv(x, norm)
             h = torch.ops.adallm.nvfp4_linear_glu(x, g.weight, g.weight_scale, g.weight_global_scale,
-                                                  self.glu_activation)
+                                                  self.glu_activation, norm_weight, eps)
         else:
-            gate, up = g.split_outputs(g(x))
+            gate, up = g.split_outputs(g(x, norm))
             h = self.act_fn(gate) * up
-        return self.down_proj(h)
+        return self.down_proj(h, residual=residual)
 
 
 class NVFP4Experts(nn.Module):

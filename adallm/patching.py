@@ -1,6 +1,7 @@
 """`adallm.patch`: turn a transformers Qwen3 / Qwen3-MoE / Gemma3 model into an NVFP4 + FP8-KV-cache model in place.
 
-Every decoder layer keeps its transformers class, norms and rotary embedding; its `self_attn` becomes an
+Every decoder layer keeps its norms and rotary embedding, and its transformers class or the family's `decoder_layer`
+subclass of it (Qwen3, Qwen3-MoE: the norms and residual adds fused into the GEMVs); its `self_attn` becomes an
 NVFP4Attention and its MLP an NVFP4MLP (MoE layers: `mlp.experts` becomes NVFP4Experts; the router keeps its BF16
 weight and runs as the family's `moe_router` class).
 Module names after patching (what checkpoint code reads and writes), per decoder layer:
@@ -91,6 +92,8 @@ def patch(model: nn.Module, *, lm_head: str = "dense", method: str = nvfp4.DEFAU
     def patch_layer(layer: nn.Module, hessians: dict[str, torch.Tensor] | None = None) -> None:
         layer.self_attn = _attention(layer.self_attn, family, quantize, method, hessians)
         _patch_mlp(layer, family, quantize, method, hessians)
+        if family.decoder_layer is not None:
+            layer.__class__ = family.decoder_layer  # a subclass adding no state: the forward with fused norms
 
     with torch.no_grad():
         if calibration is None:

@@ -22,6 +22,8 @@ Layouts (the canonical on-disk layouts; kernels read them as they are, nothing i
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -31,12 +33,12 @@ NVFP4_BLOCK = 16  # elements per E4M3 block scale
 _defs = {
     "nvfp4_linear": (
         "nvfp4_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, "
-        "Tensor? bias) -> Tensor"
+        "Tensor? bias, Tensor? residual=None, Tensor? norm_weight=None, float norm_eps=0.0) -> Tensor"
     ),
     "fp8_linear": "fp8_linear(Tensor x, Tensor weight, Tensor weight_scale) -> Tensor",
     "nvfp4_linear_glu": (
-        "nvfp4_linear_glu(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, str activation) "
-        "-> Tensor"
+        "nvfp4_linear_glu(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, str activation, "
+        "Tensor? norm_weight=None, float norm_eps=0.0) -> Tensor"
     ),
     "nvfp4_quantize": "nvfp4_quantize(Tensor x, Tensor global_scale) -> (Tensor, Tensor)",
     "nvfp4_moe_linear": (
@@ -115,6 +117,22 @@ def check_activation(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
     _require(x.device == weight.device, f"x is on {x.device} but the weight is on {weight.device}")
 
 
+def check_layer_extras(x: torch.Tensor, n: int, k: int, residual: torch.Tensor | None,
+                       norm_weight: torch.Tensor | None, norm_eps: float) -> None:
+    """Validates a linear's decoder-layer extras: residual x.dtype [..., N] (the output's shape), norm_weight
+    x.dtype [K], norm_eps finite and >= 0."""
+    if residual is not None:
+        want = (*x.shape[:-1], n)
+        _require(tuple(residual.shape) == want and residual.dtype == x.dtype,
+                 f"residual must be {x.dtype} {want} (the output's shape), got {residual.dtype} {tuple(residual.shape)}")
+        _require(residual.device == x.device, f"residual is on {residual.device} but x is on {x.device}")
+    if norm_weight is not None:
+        _require(norm_weight.dim() == 1 and norm_weight.shape[0] == k and norm_weight.dtype == x.dtype,
+                 f"norm_weight must be {x.dtype} [{k}], got {norm_weight.dtype} {tuple(norm_weight.shape)}")
+        _require(norm_weight.device == x.device, f"norm_weight is on {norm_weight.device} but x is on {x.device}")
+        _require(math.isfinite(norm_eps) and norm_eps >= 0, f"norm_eps must be finite and >= 0, got {norm_eps}")
+
+
 def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
                     v_scale: torch.Tensor) -> tuple[int, int, int, int]:
     """Validates an FP8 cache pair (e4m3 [B, Hkv, L, D] each, fp32 scales [B, Hkv, L]); returns (B, Hkv, L, D)."""
@@ -133,22 +151,29 @@ def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch
 
 
 def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                 weight_global_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(weight).T + bias.
+                 weight_global_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                 norm_eps: float = 0.0) -> torch.Tensor:
+    """y = x' @ dequant(weight).T + bias (+ residual), x' = x, or rms_norm(x, norm_weight, norm_eps) if norm_weight is
+    given (reference.rms_norm: Qwen3's RMSNorm).
 
     x: bf16/fp16 [..., K]; weight: uint8 [N, K/2]; weight_scale: e4m3 [N, K/16];
-    weight_global_scale: fp32 []; bias: x.dtype [N] or None. Returns x.dtype [..., N].
+    weight_global_scale: fp32 []; bias: x.dtype [N] or None; residual: x.dtype [..., N] or None, added to y after y is
+    rounded to x.dtype (as a separate add would); norm_weight: x.dtype [K] or None. Returns x.dtype [..., N].
+    The residual and the norm are a decoder layer's, fused into the GEMV at one row (CUDA: no extra launch).
     Example: y = nvfp4_linear(torch.randn(2, 64, dtype=torch.bfloat16), w, s, g)  # w [N, 32] -> y [2, N]
     """
-    return torch.ops.adallm.nvfp4_linear(x, weight, weight_scale, weight_global_scale, bias)
+    return torch.ops.adallm.nvfp4_linear(x, weight, weight_scale, weight_global_scale, bias, residual, norm_weight,
+                                         norm_eps)
 
 
 @torch.library.register_fake("adallm::nvfp4_linear")
-def _(x, weight, weight_scale, weight_global_scale, bias):
+def _(x, weight, weight_scale, weight_global_scale, bias, residual=None, norm_weight=None, norm_eps=0.0):
     n, k = check_nvfp4_weight(weight, weight_scale, weight_global_scale)
     check_activation(x, k, weight)
     if bias is not None:
         _require(bias.shape == (n,) and bias.dtype == x.dtype, f"bias must be {x.dtype} [{n}]")
+    check_layer_extras(x, n, k, residual, norm_weight, norm_eps)
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -157,28 +182,33 @@ GLU_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 def nvfp4_linear_glu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     weight_global_scale: torch.Tensor, activation: str) -> torch.Tensor:
-    """A gated MLP's first half: y = act(x @ W[:N/2].T) * (x @ W[N/2:].T), W = dequant(weight) [N, K] (gate rows, then
-    up rows: a fused gate_up NVFP4 weight), act one of GLU_ACTIVATIONS. The gate and up sums meet in fp32, unrounded.
+                     weight_global_scale: torch.Tensor, activation: str, norm_weight: torch.Tensor | None = None,
+                     norm_eps: float = 0.0) -> torch.Tensor:
+    """A gated MLP's first half: y = act(x' @ W[:N/2].T) * (x' @ W[N/2:].T), W = dequant(weight) [N, K] (gate rows, then
+    up rows: a fused gate_up NVFP4 weight), act one of GLU_ACTIVATIONS, x' = x or rms_norm(x, norm_weight, norm_eps)
+    as in nvfp4_linear. The gate and up sums meet in fp32, unrounded.
 
-    x: bf16/fp16 [..., K]; weight: uint8 [N, K/2] (N even); weight_scale: e4m3 [N, K/16]; weight_global_scale: fp32 [].
-    Returns x.dtype [..., N/2]. Example: h = nvfp4_linear_glu(x, w, s, g, "silu")  # w [2I, K/2] -> h [..., I]
+    x: bf16/fp16 [..., K]; weight: uint8 [N, K/2] (N even); weight_scale: e4m3 [N, K/16]; weight_global_scale: fp32 [];
+    norm_weight: x.dtype [K] or None. Returns x.dtype [..., N/2].
+    Example: h = nvfp4_linear_glu(x, w, s, g, "silu")  # w [2I, K/2] -> h [..., I]
     """
-    return torch.ops.adallm.nvfp4_linear_glu(x, weight, weight_scale, weight_global_scale, activation)
+    return torch.ops.adallm.nvfp4_linear_glu(x, weight, weight_scale, weight_global_scale, activation, norm_weight,
+                                             norm_eps)
 
 
-def check_glu_args(x, weight, weight_scale, weight_global_scale, activation) -> int:
+def check_glu_args(x, weight, weight_scale, weight_global_scale, activation, norm_weight=None, norm_eps=0.0) -> int:
     """Validates nvfp4_linear_glu's arguments; returns N."""
     n, k = check_nvfp4_weight(weight, weight_scale, weight_global_scale)
     check_activation(x, k, weight)
     _require(activation in GLU_ACTIVATIONS, f"activation must be 'silu' or 'gelu_tanh', got {activation!r}")
     _require(n % 2 == 0, f"N = {n} must be even (gate rows, then as many up rows)")
+    check_layer_extras(x, n, k, None, norm_weight, norm_eps)
     return n
 
 
 @torch.library.register_fake("adallm::nvfp4_linear_glu")
-def _(x, weight, weight_scale, weight_global_scale, activation):
-    n = check_glu_args(x, weight, weight_scale, weight_global_scale, activation)
+def _(x, weight, weight_scale, weight_global_scale, activation, norm_weight=None, norm_eps=0.0):
+    n = check_glu_args(x, weight, weight_scale, weight_global_scale, activation, norm_weight, norm_eps)
     return x.new_empty((*x.shape[:-1], n // 2))
 
 

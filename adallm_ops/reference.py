@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .ops import (E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, _require, check_activation, check_decode_attention_args,
-                  check_fp8_weight, check_glu_args, check_kv_write_args, check_nvfp4_weight, check_qk_norm_rope_args,
-                  check_quantize_args, check_router_args)
+                  check_fp8_weight, check_glu_args, check_kv_write_args, check_layer_extras, check_nvfp4_weight,
+                  check_qk_norm_rope_args, check_quantize_args, check_router_args)
 
 # E2M1 magnitudes by code 0..7; code | 8 is the negative.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -66,20 +66,32 @@ def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.T
     return pack_fp4(codes), scale
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm (transformers' Qwen3RMSNorm, bit for bit): weight * T(x / sqrt(mean(x^2) + eps)), T = x.dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 @torch.library.impl("adallm::nvfp4_linear", "CPU")
-def nvfp4_linear(x, weight, weight_scale, weight_global_scale, bias):
-    _, k = check_nvfp4_weight(weight, weight_scale, weight_global_scale)
+def nvfp4_linear(x, weight, weight_scale, weight_global_scale, bias, residual=None, norm_weight=None, norm_eps=0.0):
+    n, k = check_nvfp4_weight(weight, weight_scale, weight_global_scale)
     check_activation(x, k, weight)
+    check_layer_extras(x, n, k, residual, norm_weight, norm_eps)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, norm_eps)
     w = dequantize_nvfp4(weight, weight_scale, weight_global_scale)
     y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else y + residual
 
 
 @torch.library.impl("adallm::nvfp4_linear_glu", "CPU")
-def nvfp4_linear_glu(x, weight, weight_scale, weight_global_scale, activation):
-    n = check_glu_args(x, weight, weight_scale, weight_global_scale, activation)
+def nvfp4_linear_glu(x, weight, weight_scale, weight_global_scale, activation, norm_weight=None, norm_eps=0.0):
+    n = check_glu_args(x, weight, weight_scale, weight_global_scale, activation, norm_weight, norm_eps)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, norm_eps)
     y = x.float() @ dequantize_nvfp4(weight, weight_scale, weight_global_scale).t()
     gate, up = y[..., :n // 2], y[..., n // 2:]
     act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")

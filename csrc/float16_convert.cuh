@@ -18,4 +18,22 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
     return __float2bfloat16_rn(v);
 }
 
+// A word of two T (low half first) <-> two fp32.
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t r);
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t r) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&r));
+}
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t r) {
+    return make_float2(__uint_as_float(r << 16), __uint_as_float(r & 0xFFFF0000u));
+}
+template <typename T> __device__ __forceinline__ uint32_t pack2_rn(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2_rn<__half>(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2_rn<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&b);
+}
+
 }  // namespace adallm

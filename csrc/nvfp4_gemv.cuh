@@ -7,6 +7,9 @@
 //   ws     e4m3  [E][N, K/16]: one scale per 16 consecutive k of a row
 //   gs     fp32  [E]: per-tensor (per-expert) scale, read on the device (no host sync: graph safe)
 //   bias   T [N] or null;  y  T [pairs][M, N]
+//   residual  T [M, N] or null (plain linear only): y = T(T(x W^T + bias) + residual), the decoder layer's residual
+//          add rounded as the separate add rounds it (so the fused and unfused paths give the same bits)
+//   norm_w T [K] or null: the rows kernel's RMSNorm prologue (nvfp4_gemv_rows.cuh); this kernel never gets one
 //
 // Math. The GEMV runs on the tensor cores with A and B swapped: A = 16 weight rows x 16 k (the
 // dequantized weights), B = 16 k x 8 columns of x^T (x rows 0..7, or 8..15 for the second "m-tile"),
@@ -51,6 +54,9 @@ struct Nvfp4GemvArgs {
     int num_experts;         // E
     int x_pair_div;          // pair p reads x block p / x_pair_div (MoE: topk when experts share x, else 1)
     int M, N, K;
+    const void* residual;    // T [M, N] added to y (see above), or nullptr
+    const void* norm_w;      // T [K]: RMSNorm weight applied to x first (rows kernel, M = 1), or nullptr
+    float norm_eps;
 };
 
 constexpr int kGemvWarps = 8;
@@ -187,12 +193,15 @@ __global__ void __launch_bounds__(kGemvThreads, CTAS_PER_SM) nvfp4_gemv_kernel(N
 
     const float gscale = a.gs[e] * kDequantUnscale;
     const T* bias = static_cast<const T*>(a.bias);
+    const T* residual = static_cast<const T*>(a.residual);
     T* y = static_cast<T*>(a.y) + static_cast<int64_t>(pair) * M * N;
     auto store = [&](int m, int n, float sum) {
         float out = sum * gscale;
         if (bias != nullptr) out += to_float(bias[n]);
         if (bad_expert) out = __int_as_float(0x7fc00000);  // quiet NaN
-        y[static_cast<int64_t>(m) * N + n] = from_float<T>(out);
+        const int64_t i = static_cast<int64_t>(m) * N + n;
+        if (residual != nullptr) out = to_float(from_float<T>(out)) + to_float(residual[i]);
+        y[i] = from_float<T>(out);
     };
 
     if (WK == 1) {  // the warp holds whole sums: C fragment (rows g, g + 8; cols 2t, 2t + 1) straight to y

@@ -35,6 +35,16 @@
 // rows [N/2, N)) and y [1, N/2] = act(gate) * up. The CTA walks, for each of its output blocks, the gate block and
 // the up block N/64 blocks later (rows_block), so both sums of an output are in its shared memory at the end: the
 // activation costs no launch and no round trip of the 2 N outputs.
+//
+// RMSNorm prologue (a.norm_w != nullptr; the decoder layer's input_layernorm before q/k/v, post_attention_layernorm
+// before gate_up): y = rmsnorm(x) W^T with rmsnorm(x) = x / sqrt(mean(x^2) + eps) * norm_w. The 1 / sqrt(..) is one
+// number per row, so it is applied to the sums in the epilogue, and B holds x * norm_w (fp32 product, scaled and
+// rounded once, as above; fp16 takes the bf16 path's scaling too, with the largest |x norm_w| in [2^14, 2^15), since
+// the product may exceed fp16's range). The CTA's lanes with a B role read every k of x exactly once (over its warps
+// and passes), so each CTA sums x^2 from the x it loads anyway; the one barrier before the epilogue publishes the
+// warps' sums. The norm kernel this replaces (one launch, ~2 us, per norm) is gone. Rounding differs from the
+// separate norm (which rounds x / rms to T before the weight multiply): within the GEMV's own tolerance.
+// Residual (a.residual): y = T(T(sum) + residual), as in nvfp4_gemv.cuh.
 #pragma once
 
 #include "dynamic_smem.cuh"
@@ -85,11 +95,13 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
     const int slots = K / 32, steps = (slots + kRowsStepSlots - 1) / kRowsStepSlots;
     const int blocks = (N + 31) / 32;
     const T* x = static_cast<const T*>(a.x);
+    const T* norm_w = static_cast<const T*>(a.norm_w);
     const uint4* wv = reinterpret_cast<const uint4*>(a.w);
     const uint16_t* sv = reinterpret_cast<const uint16_t*>(a.ws);
     const uint64_t policy = l2_evict_first_policy();
     // B role of this lane: 0 (g = 2t: words 0, 1 of each slot), 1 (g = 2t + 1: words 2, 3), or none.
     const int role = g == 2 * t ? 0 : g == 2 * t + 1 ? 1 : -1;
+    float sum_sq = 0.0f;  // RMSNorm: this lane's sum of x^2 over the k it loads
 
     for (int p = 0; p < passes; ++p) {
         const int step = p * W + w;
@@ -106,53 +118,61 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
             sslot[v] = sv + slot;
         }
 
-        // This lane's x: words 2 role + wi of its two slots (8 elements each), zero past K or without a role.
-        uint4 xw[2][2];
+        // This lane's x: words 2 role + wi of its two slots (8 elements each), zero past K or without a role; the
+        // RMSNorm weight at the same k.
+        uint4 xw[2][2], nw[2][2];
 #pragma unroll
         for (int v = 0; v < 2; ++v)
 #pragma unroll
-            for (int wi = 0; wi < 2; ++wi)
-                xw[v][wi] = role >= 0 && s0 + 4 * v < slots ? ld_x_v4(x + 32 * (s0 + 4 * v) + 8 * (2 * role + wi))
-                                                            : make_uint4(0, 0, 0, 0);
+            for (int wi = 0; wi < 2; ++wi) {
+                const bool in = role >= 0 && s0 + 4 * v < slots;
+                const int k = 32 * (s0 + 4 * v) + 8 * (2 * role + wi);
+                xw[v][wi] = in ? ld_x_v4(x + k) : make_uint4(0, 0, 0, 0);
+                nw[v][wi] = in && norm_w != nullptr ? ld_x_v4(norm_w + k) : make_uint4(0, 0, 0, 0);
+            }
         // The warp's partials leave scaled by 2^(kPow - xs), two normal floats: kPow undoes the decode's power
         // (2^-14 or 2^-126) and the scales' 2^-8 (e4m3x2_to_half2_bits), so they meet in the output's range.
-        constexpr int kPow = (kBf16 ? 126 : 14) + 8;
-        int xs = 0;  // bf16: x * 2^xs enters B
+        constexpr int kTop = kBf16 ? 126 : 14;  // scaled B: largest |value| in [2^kTop, 2^(kTop + 1))
+        constexpr int kPow = kTop + 8;
+        int xs = 0;  // scaled B: x (* norm_w) * 2^xs
         uint32_t bx[2][2][4];                    // [v][wi][J]: the pair (J, J + 4) of word 2 role + wi
-        if constexpr (kBf16) {
-            uint32_t mx = 0;  // largest |x| of the warp's step, as fp32 bits (ordered like the values)
+        if (kBf16 || norm_w != nullptr) {
+            float f[2][2][8];  // element 2q in the low half of word q
+            uint32_t mx = 0;   // largest |f| of the warp's step, as fp32 bits (ordered like the values)
 #pragma unroll
             for (int v = 0; v < 2; ++v)
 #pragma unroll
                 for (int wi = 0; wi < 2; ++wi) {
                     const uint32_t r[4] = {xw[v][wi].x, xw[v][wi].y, xw[v][wi].z, xw[v][wi].w};
+                    const uint32_t n[4] = {nw[v][wi].x, nw[v][wi].y, nw[v][wi].z, nw[v][wi].w};
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) mx = max(mx, max((r[q] << 16) & 0x7FFFFFFFu, r[q] & 0x7FFF0000u));
+                    for (int q = 0; q < 4; ++q) {
+                        float2 e = unpack2<T>(r[q]);
+                        if (norm_w != nullptr) {
+                            const float2 wn = unpack2<T>(n[q]);
+                            sum_sq = fmaf(e.x, e.x, fmaf(e.y, e.y, sum_sq));
+                            e.x *= wn.x;
+                            e.y *= wn.y;
+                        }
+                        f[v][wi][2 * q] = e.x;
+                        f[v][wi][2 * q + 1] = e.y;
+                        mx = max(mx, max(__float_as_uint(e.x) & 0x7FFFFFFFu, __float_as_uint(e.y) & 0x7FFFFFFFu));
+                    }
                 }
             mx = __reduce_max_sync(0xFFFFFFFFu, mx);
-            const int e = static_cast<int>(mx >> 23) - 127;  // largest |x| in [2^e, 2^(e+1)) (0: e = -127)
-            // inf / NaN: no scaling, they propagate as in the reference. xs in [-1, 252]: two factors.
-            xs = e == 128 ? 0 : min(126 - e, 252);
+            const int e = static_cast<int>(mx >> 23) - 127;  // largest |f| in [2^e, 2^(e+1)) (0: e = -127)
+            // inf / NaN: no scaling, they propagate as in the reference. xs in [-113, 252]: two factors.
+            xs = e == 128 ? 0 : min(kTop - e, 252);
             const float mul0 = __uint_as_float(static_cast<uint32_t>(127 + xs / 2) << 23);
             const float mul1 = __uint_as_float(static_cast<uint32_t>(127 + xs - xs / 2) << 23);
 #pragma unroll
             for (int v = 0; v < 2; ++v)
 #pragma unroll
-                for (int wi = 0; wi < 2; ++wi) {
-                    const uint32_t r[4] = {xw[v][wi].x, xw[v][wi].y, xw[v][wi].z, xw[v][wi].w};
-                    float f[8];  // element 2q in the low half of r[q]
+                for (int wi = 0; wi < 2; ++wi)
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        f[2 * q] = __uint_as_float(r[q] << 16) * mul0 * mul1;
-                        f[2 * q + 1] = __uint_as_float(r[q] & 0xFFFF0000u) * mul0 * mul1;
-                    }
-#pragma unroll
-                    for (int J = 0; J < 4; ++J) {
-                        const __nv_bfloat162 b = __floats2bfloat162_rn(f[J], f[J + 4]);
-                        bx[v][wi][J] = *reinterpret_cast<const uint32_t*>(&b);
-                    }
-                }
-        } else {
+                    for (int J = 0; J < 4; ++J)
+                        bx[v][wi][J] = pack2_rn<T>(f[v][wi][J] * mul0 * mul1, f[v][wi][J + 4] * mul0 * mul1);
+        } else {  // fp16 x enters B as is
 #pragma unroll
             for (int v = 0; v < 2; ++v)
 #pragma unroll
@@ -243,10 +263,23 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
                 }
         }
     }
+    float* warp_sum_sq = red + blocks_per_cta * W * 32;  // [W], after the partials (the launcher sizes it)
+    if (norm_w != nullptr) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xFFFFFFFFu, sum_sq, o);
+        if (lane == 0) warp_sum_sq[w] = sum_sq;
+    }
     __syncthreads();
 
-    const float gscale = a.gs[0];
+    // gscale, times 1 / rms(x) with the RMSNorm prologue: the warps' sums of x^2 added in a fixed order.
+    float gscale = a.gs[0];
+    if (norm_w != nullptr) {
+        float total_sq = 0.0f;
+        for (int k = 0; k < W; ++k) total_sq += warp_sum_sq[k];
+        gscale *= rsqrtf(total_sq / static_cast<float>(K) + a.norm_eps);
+    }
     const T* bias = static_cast<const T*>(a.bias);
+    const T* residual = static_cast<const T*>(a.residual);
     T* y = static_cast<T*>(a.y);
     auto total = [&](int i, int row) {  // the W warps' partials of (block slot i, row), in a fixed order
         const float* part = red + i * W * 32 + row;
@@ -270,6 +303,7 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
             if (n >= N) continue;
             float out = total(i, row) * gscale;
             if (bias != nullptr) out += to_float(bias[n]);
+            if (residual != nullptr) out = to_float(from_float<T>(out)) + to_float(residual[n]);
             y[n] = from_float<T>(out);
         }
     }
@@ -288,18 +322,24 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
 constexpr int kRowsMinBlocksPerSm = 4;
 
 // act (RowsAct) != kActNone: the gated epilogue, y [1, N/2]; needs N % 64 == 0 (whole gate and up blocks) and no bias.
+// With the RMSNorm prologue (a.norm_w) any N is taken: this is the only kernel that has it, and at 1-2 blocks per SM
+// it runs as fast as nvfp4_gemv.cuh (above), so q/k/v (Qwen3-8B: 192 blocks) come here too.
 template <typename T>
 cudaError_t launch_nvfp4_gemv_rows(const Nvfp4GemvArgs& a, int num_sms, cudaStream_t stream, int act = kActNone) {
     const int blocks = (a.N + 31) / 32;
-    if (a.expert_ids != nullptr || a.M != 1 || blocks < num_sms * kRowsMinBlocksPerSm) return cudaErrorNotSupported;
+    const bool norm = a.norm_w != nullptr;
+    if (a.expert_ids != nullptr || a.M != 1 || (blocks < num_sms * kRowsMinBlocksPerSm && !norm))
+        return cudaErrorNotSupported;
     if (!gemv_offsets_fit_32bit(a)) return cudaErrorNotSupported;
-    if (act != kActNone && (a.N % 64 != 0 || a.bias != nullptr)) return cudaErrorNotSupported;
+    if (act != kActNone && (a.N % 64 != 0 || a.bias != nullptr || a.residual != nullptr)) return cudaErrorNotSupported;
     const int steps = (a.K / 32 + kRowsStepSlots - 1) / kRowsStepSlots;
     const int passes = (steps + kRowsMaxWarps - 1) / kRowsMaxWarps;
     const int warps = (steps + passes - 1) / passes;
-    const int grid = num_sms;  // blocks >= 4 num_sms: every CTA has a block (gated: an output block)
-    const int blocks_per_cta = act == kActNone ? (blocks + grid - 1) / grid : 2 * ((blocks / 2 + grid - 1) / grid);
-    const int smem = static_cast<int>(sizeof(float)) * blocks_per_cta * warps * 32;
+    const int units = act == kActNone ? blocks : blocks / 2;  // what the CTAs share out (gated: output blocks)
+    const int grid = units < num_sms ? units : num_sms;      // every CTA has at least one unit
+    const int blocks_per_cta = act == kActNone ? (blocks + grid - 1) / grid : 2 * ((units + grid - 1) / grid);
+    // The partials [blocks_per_cta][W][32], then the warps' sums of x^2 [W].
+    const int smem = static_cast<int>(sizeof(float)) * (blocks_per_cta * warps * 32 + warps);
     static int smem_cache[64] = {};
     int optin = 0;
     const cudaError_t err = dynamic_smem_optin(smem_cache, optin, nvfp4_gemv_rows_kernel<T, kActNone>,

@@ -10,6 +10,9 @@
 // Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.
 // nvfp4_linear_glu (a gated MLP's gate_up GEMV and act(gate) * up) is one rows-GEMV launch with the gated epilogue
 // at M = 1 on a rows-kernel shape with N % 64 == 0, else nvfp4_linear followed by ATen's activation and product.
+// The decoder layer's RMSNorm (norm_weight) and residual add (residual) of nvfp4_linear / nvfp4_linear_glu: at M = 1 the
+// rows GEMV applies the norm in its prologue and epilogue (nvfp4_gemv_rows.cuh); other M normalize x first (ATen,
+// rms_norm below, the reference's formula). Every path adds the residual after rounding y, as the separate add would.
 // nvfp4_moe_linear runs the GEMV per (token, expert) pair, or, for many pairs outside graph capture (a
 // prefill), sorts them by expert and runs grouped GEMMs on dequantized experts (one host sync).
 #include <ATen/ATen.h>
@@ -85,17 +88,66 @@ Nvfp4GemvArgs gemv_args(const at::Tensor& x, const at::Tensor& weight, const at:
     return a;
 }
 
+// The decoder layer's extras of a plain linear: the residual added to y (T [M, N], contiguous) and the RMSNorm
+// weight (T [K]) with its epsilon; the GEMV kernels read them (Nvfp4GemvArgs).
+struct LayerExtras {
+    const at::Tensor* residual = nullptr;
+    const at::Tensor* norm_weight = nullptr;
+    double norm_eps = 0.0;
+};
+
+// Launches a GEMV. Returns false, launching nothing, if `extras` asks for the RMSNorm prologue and the rows kernel
+// does not take the shape: the caller then normalizes x itself.
 template <typename T>
-void run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+bool run_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
               const at::Tensor& global_scale, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-              const at::Tensor* expert_ids, int pairs, int x_pair_div, int64_t m, int64_t n, int64_t k) {
-    const Nvfp4GemvArgs a = gemv_args(x, weight, weight_scale, global_scale, bias, y, expert_ids, x_pair_div, m, n, k);
+              const at::Tensor* expert_ids, int pairs, int x_pair_div, int64_t m, int64_t n, int64_t k,
+              const LayerExtras& extras = {}, int act = kActNone) {
+    Nvfp4GemvArgs a = gemv_args(x, weight, weight_scale, global_scale, bias, y, expert_ids, x_pair_div, m, n, k);
+    a.residual = extras.residual != nullptr ? extras.residual->data_ptr() : nullptr;
+    a.norm_w = extras.norm_weight != nullptr ? extras.norm_weight->data_ptr() : nullptr;
+    a.norm_eps = static_cast<float>(extras.norm_eps);
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // x's device (guarded)
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    // M = 1 over many rows: nvfp4_gemv_rows.cuh; every other shape (and MoE): nvfp4_gemv.cuh.
-    cudaError_t err = launch_nvfp4_gemv_rows<T>(a, sms, stream);
-    if (err == cudaErrorNotSupported) err = launch_nvfp4_gemv<T>(a, pairs, sms, stream);
-    check_launch(err, "nvfp4_gemv");
+    // M = 1 over many rows, the RMSNorm prologue and the gated epilogue: nvfp4_gemv_rows.cuh; every other shape (and
+    // MoE): nvfp4_gemv.cuh.
+    cudaError_t err = launch_nvfp4_gemv_rows<T>(a, sms, stream, act);
+    if (err == cudaErrorNotSupported) {
+        if (a.norm_w != nullptr || act != kActNone) return false;
+        err = launch_nvfp4_gemv<T>(a, pairs, sms, stream);
+    }
+    check_launch(err, act != kActNone ? "nvfp4_gemv_rows (gated)" : "nvfp4_gemv");
+    return true;
+}
+
+// Qwen3's RMSNorm (transformers' Qwen3RMSNorm), the reference's rms_norm: w * T(x / sqrt(mean(x^2) + eps)).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+    const at::Tensor xf = x.to(at::kFloat);
+    return w * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+}
+
+// Same checks and messages as ops.check_layer_extras. n: the linear's N (y [..., n]).
+void check_layer_extras(const at::Tensor& x, int64_t n, int64_t k, const c10::optional<at::Tensor>& residual,
+                        const c10::optional<at::Tensor>& norm_weight, double norm_eps) {
+    if (residual.has_value()) {
+        std::vector<int64_t> want(x.sizes().begin(), x.sizes().end() - 1);
+        want.push_back(n);
+        ADALLM_CHECK(residual->sizes() == at::IntArrayRef(want) && residual->scalar_type() == x.scalar_type(),
+                     "adallm: residual must be ", x.scalar_type(), " ", at::IntArrayRef(want), " (the output's shape), "
+                     "got ", residual->scalar_type(), " ", residual->sizes());
+        ADALLM_CHECK(residual->device() == x.device(), "adallm: residual is on ", residual->device(), " but x is on ",
+                     x.device());
+    }
+    if (norm_weight.has_value()) {
+        ADALLM_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == k &&
+                         norm_weight->scalar_type() == x.scalar_type(),
+                     "adallm: norm_weight must be ", x.scalar_type(), " [", k, "], got ", norm_weight->scalar_type(),
+                     " ", norm_weight->sizes());
+        ADALLM_CHECK(norm_weight->device() == x.device(), "adallm: norm_weight is on ", norm_weight->device(),
+                     " but x is on ", x.device());
+        ADALLM_CHECK(std::isfinite(norm_eps) && norm_eps >= 0.0, "adallm: norm_eps must be finite and >= 0, got ",
+                     norm_eps);
+    }
 }
 
 // Dequantizes NVFP4 weights to dtype (for cuBLAS): one [N, K] weight with global scale [], or E experts'
@@ -160,21 +212,36 @@ void moe_grouped(const at::Tensor& x, bool shared_x, const at::Tensor& weight, c
 // ---------------------------------------------------------------------------------------------------
 
 at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-                             const at::Tensor& weight_global_scale, const c10::optional<at::Tensor>& bias) {
+                             const at::Tensor& weight_global_scale, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& norm_weight,
+                             double norm_eps) {
     const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, false);
     check_activation(x, k, weight);
+    check_layer_extras(x, n, k, residual, norm_weight, norm_eps);
     if (bias.has_value())
         ADALLM_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type(),
                           "adallm: bias must be ", x.scalar_type(), " [", n, "]");
     ADALLM_CHECK(!bias.has_value() || bias->device() == x.device(), "adallm: bias is on ", bias->device(),
                       " but x is on ", x.device());
     const c10::cuda::CUDAGuard guard(x.device());
-    const auto [x2, out_shape] = linear_rows(x, k, n);
+    auto [x2, out_shape] = linear_rows(x, k, n);
     const int64_t m = x2.size(0);
     if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
 
     const bool gemv = m <= kGemvMaxM && k % 32 == 0 && aligned16(weight);
     at::Tensor y = at::empty({m, n}, x.options());
+    const at::Tensor res = residual.has_value() ? contiguous16(residual->reshape({m, n})) : at::Tensor();
+    const at::Tensor nw = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
+    LayerExtras extras;
+    extras.residual = residual.has_value() ? &res : nullptr;
+    if (norm_weight.has_value()) {
+        if (gemv && m == 1) {  // the rows kernel's prologue, if it takes the shape (run_gemv below)
+            extras.norm_weight = &nw;
+            extras.norm_eps = norm_eps;
+        } else {
+            x2 = contiguous16(rms_norm(x2, nw, norm_eps));
+        }
+    }
     if (!gemv) {
         // Prefill (and awkward K): dequantize W to x.dtype a chunk of output rows at a time and let cuBLAS
         // write that chunk's columns of y in place (a row-major slice with stride n: no copy). The dense W
@@ -192,50 +259,62 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
             else
                 at::mm_out(yc, x2, w.t());
         }
+        if (residual.has_value()) y.add_(res);
         return y.reshape(out_shape);
     }
     c10::optional<at::Tensor> b;
     if (bias.has_value()) b = bias->contiguous();
-    if (x.scalar_type() == at::kHalf)
-        run_gemv<__half>(x2, weight, weight_scale, weight_global_scale, b, y, nullptr, 1, 1, m, n, k);
-    else
-        run_gemv<__nv_bfloat16>(x2, weight, weight_scale, weight_global_scale, b, y, nullptr, 1, 1, m, n, k);
+    auto run = [&, n = n, k = k](const at::Tensor& xin) {  // (structured bindings are not captured before C++20)
+        return x.scalar_type() == at::kHalf
+                   ? run_gemv<__half>(xin, weight, weight_scale, weight_global_scale, b, y, nullptr, 1, 1, m, n, k,
+                                      extras)
+                   : run_gemv<__nv_bfloat16>(xin, weight, weight_scale, weight_global_scale, b, y, nullptr, 1, 1, m, n,
+                                             k, extras);
+    };
+    if (!run(x2)) {  // the rows kernel does not take the shape: normalize x first
+        extras.norm_weight = nullptr;
+        run(contiguous16(rms_norm(x2, nw, norm_eps)));
+    }
     return y.reshape(out_shape);
 }
 
-// y = act(x W_gate^T) * (x W_up^T), W = [W_gate; W_up] one NVFP4 weight [N, K] (gate rows then up rows).
-// M = 1 on a rows-kernel shape: one launch, the activation in the rows kernel's epilogue; otherwise the linear,
-// then the activation and the product (ATen).
+// y = act(x' W_gate^T) * (x' W_up^T), W = [W_gate; W_up] one NVFP4 weight [N, K] (gate rows then up rows), x' = x or
+// rms_norm(x). M = 1 on a rows-kernel shape: one launch, the activation in the rows kernel's epilogue (and the RMSNorm
+// in its prologue); otherwise the linear, then the activation and the product (ATen).
 at::Tensor nvfp4_linear_glu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-                                 const at::Tensor& weight_global_scale, c10::string_view activation) {
+                                 const at::Tensor& weight_global_scale, c10::string_view activation,
+                                 const c10::optional<at::Tensor>& norm_weight, double norm_eps) {
     const auto [n, k] = check_nvfp4_weight(weight, weight_scale, weight_global_scale, false);
     check_activation(x, k, weight);
     const bool silu = activation == "silu";
     ADALLM_CHECK(silu || activation == "gelu_tanh", "adallm: activation must be 'silu' or 'gelu_tanh', got '",
                  std::string(activation), "'");
     ADALLM_CHECK(n % 2 == 0, "adallm: N = ", n, " must be even (gate rows, then as many up rows)");
+    check_layer_extras(x, n, k, c10::nullopt, norm_weight, norm_eps);
     const c10::cuda::CUDAGuard guard(x.device());
     const auto [x2, full_shape] = linear_rows(x, k, n);
     std::vector<int64_t> out_shape = full_shape;
     out_shape.back() = n / 2;
     const int64_t m = x2.size(0);
     if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
+    const at::Tensor nw = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
     if (m == 1 && k % 32 == 0 && aligned16(weight)) {
         at::Tensor y = at::empty({1, n / 2}, x.options());
-        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // x's device (guarded)
-        const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+        LayerExtras extras;
+        extras.norm_weight = norm_weight.has_value() ? &nw : nullptr;
+        extras.norm_eps = norm_eps;
         const int act = silu ? kActSilu : kActGeluTanh;
-        const Nvfp4GemvArgs a =
-            gemv_args(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, nullptr, 1, 1, n, k);
-        const cudaError_t err = x.scalar_type() == at::kHalf
-                                    ? launch_nvfp4_gemv_rows<__half>(a, sms, stream, act)
-                                    : launch_nvfp4_gemv_rows<__nv_bfloat16>(a, sms, stream, act);
-        if (err != cudaErrorNotSupported) {
-            check_launch(err, "nvfp4_gemv_rows (gated)");
-            return y.reshape(out_shape);
-        }
+        const bool done =
+            x.scalar_type() == at::kHalf
+                ? run_gemv<__half>(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, nullptr, 1, 1, 1,
+                                   n, k, extras, act)
+                : run_gemv<__nv_bfloat16>(x2, weight, weight_scale, weight_global_scale, c10::nullopt, y, nullptr, 1,
+                                          1, 1, n, k, extras, act);
+        if (done) return y.reshape(out_shape);
     }
-    const at::Tensor full = nvfp4_linear_cuda(x2, weight, weight_scale, weight_global_scale, c10::nullopt);
+    const at::Tensor xin = norm_weight.has_value() ? rms_norm(x2, nw, norm_eps) : x2;
+    const at::Tensor full = nvfp4_linear_cuda(xin, weight, weight_scale, weight_global_scale, c10::nullopt,
+                                              c10::nullopt, c10::nullopt, 0.0);
     const at::Tensor gate = full.narrow(1, 0, n / 2), up = full.narrow(1, n / 2, n / 2);
     return (silu ? at::silu(gate) : at::gelu(gate, "tanh")).mul_(up).reshape(out_shape);
 }

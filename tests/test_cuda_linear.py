@@ -117,6 +117,57 @@ def test_linear_m1_half_codes_and_wide_x(dtype, rows_kernel):
     check_close(out, x.double() @ wd.t(), F.linear(x, wd.to(dtype)))
 
 
+def rms_norm64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x64 = x.double()
+    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("n,k,glu", [(6144, 4096, False), (24576, 4096, True), (24576, 4096, False),
+                                     (4096, 12288, False), (40, 4128, False), (64, 1056, True), (24, 48, False)])
+def test_linear_norm_and_residual(n, k, m, dtype, glu):
+    """A decoder layer's RMSNorm (norm_weight) and residual add (residual) inside nvfp4_linear / nvfp4_linear_glu,
+    against float64: at M = 1 the rows kernel's prologue and epilogue (any N: Qwen3-8B's qkv has too few rows for
+    the rows kernel otherwise; K over several passes; the dequantize path at K = 48), other M the norm first.
+    x is a residual stream's size (|x| ~ 2^6: fp16 x * norm_weight stays in range only because the prologue scales
+    it). The residual is added after y is rounded: the result equals the op without it plus the residual, exactly."""
+    w, s, g = random_nvfp4(n, k)
+    x = (torch.randn(m, k, device=DEV) * 64).to(dtype)
+    norm_w = (torch.rand(k, device=DEV) * 2 + 0.5).to(dtype)
+    eps = 1e-6
+    poison(m * n, dtype)
+    wd = dequantize_nvfp4(w, s, g).double()
+    xn = rms_norm64(x, norm_w, eps)
+    x_plain = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * norm_w
+    if glu:
+        out = torch.ops.adallm.nvfp4_linear_glu(x, w, s, g, "silu", norm_w, eps)
+        gate, up = (xn @ wd.t()).chunk(2, dim=-1)
+        pg, pu = F.linear(x_plain, wd.to(dtype)).chunk(2, dim=-1)
+        check_close(out, F.silu(gate) * up, F.silu(pg) * pu)
+        return
+    bias = torch.randn(n, device=DEV).to(dtype) if m == 3 else None
+    out = torch.ops.adallm.nvfp4_linear(x, w, s, g, bias, None, norm_w, eps)
+    check_close(out, xn @ wd.t() + (bias.double() if bias is not None else 0), F.linear(x_plain, wd.to(dtype), bias))
+    residual = torch.randn(m, n, device=DEV).to(dtype)
+    with_residual = torch.ops.adallm.nvfp4_linear(x, w, s, g, bias, residual, norm_w, eps)
+    torch.testing.assert_close(with_residual, out + residual, rtol=0, atol=0)
+
+
+def test_linear_norm_in_cuda_graph():
+    """The fused RMSNorm at M = 1 replays in a CUDA graph with new x (the norm is recomputed, not captured)."""
+    w, s, g = random_nvfp4(6144, 4096)
+    norm_w = torch.rand(4096, device=DEV, dtype=torch.bfloat16) + 0.5
+    x = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
+    torch.ops.adallm.nvfp4_linear(x, w, s, g, None, None, norm_w, 1e-6)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.adallm.nvfp4_linear(x, w, s, g, None, None, norm_w, 1e-6)
+    x.copy_(torch.randn_like(x) * 100)
+    graph.replay()
+    torch.testing.assert_close(out, torch.ops.adallm.nvfp4_linear(x, w, s, g, None, None, norm_w, 1e-6), rtol=0, atol=0)
+
+
 def test_linear_leading_dims_and_noncontiguous_x():
     w, s, g = random_nvfp4(64, 256)
     x = torch.randn(2, 3, 512, device=DEV, dtype=torch.bfloat16)[..., ::2]  # [2, 3, 256], strided

@@ -14,6 +14,7 @@ def samples(device):
     q = nvfp4.quantize(torch.randn(24, 64, device=device))
     w = (q.weight, q.weight_scale, q.weight_global_scale)
     x = torch.randn(3, 64, dtype=torch.bfloat16, device=device)
+    norm_w = torch.rand(64, dtype=torch.bfloat16, device=device) + 0.5
     e = [nvfp4.quantize(torch.randn(16, 64, device=device)) for _ in range(3)]
     ew = [torch.stack([getattr(qq, a) for qq in e]) for a in ("weight", "weight_scale", "weight_global_scale")]
     ids = torch.tensor([[0, 2], [1, 0], [2, 2]], device=device)
@@ -23,9 +24,11 @@ def samples(device):
     kv_new = torch.randn(b, hkv, 3, d, dtype=torch.bfloat16, device=device)
     i32 = dict(dtype=torch.int32, device=device)
     return {
-        "nvfp4_linear": [(x, *w, None), (x, *w, torch.randn(24, dtype=torch.bfloat16, device=device))],
+        "nvfp4_linear": [(x, *w, None), (x, *w, torch.randn(24, dtype=torch.bfloat16, device=device)),
+                         (x[:1], *w, None, torch.randn(1, 24, dtype=torch.bfloat16, device=device), norm_w, 1e-6),
+                         (x, *w, None, None, norm_w, 1e-5)],
         "fp8_linear": [(x, *fp8_quantize_rows(torch.randn(24, 64, device=device)))],
-        "nvfp4_linear_glu": [(x, *w, "silu"), (x[:1], *w, "gelu_tanh")],
+        "nvfp4_linear_glu": [(x, *w, "silu"), (x[:1], *w, "gelu_tanh"), (x[:1], *w, "silu", norm_w, 1e-6)],
         "nvfp4_quantize": [(torch.randn(8, 32, device=device), torch.tensor(0.01, device=device))],
         "nvfp4_moe_linear": [(x, *ew, ids), (torch.randn(3, 2, 64, dtype=torch.bfloat16, device=device), *ew, ids)],
         "moe_router_topk": [(x, torch.randn(6, 64, dtype=torch.bfloat16, device=device), 2, True),

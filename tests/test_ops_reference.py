@@ -179,11 +179,40 @@ def test_decode_attention_rejects_overlong_range():
     (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 32, dtype=torch.bfloat16), w[0], w[1][:, :1].contiguous(), w[2], None),
      "weight_scale shape"),
     (lambda w: adallm_ops.nvfp4_quantize(torch.randn(4, 20), torch.tensor(1.0)), "multiple of 16"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 32, dtype=torch.bfloat16), *w,
+                                       residual=torch.randn(2, 4, dtype=torch.bfloat16)), r"residual must be .*\(2, 8\)"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(2, 32, dtype=torch.bfloat16), *w,
+                                       residual=torch.randn(2, 8)), "residual must be torch.bfloat16"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(1, 32, dtype=torch.bfloat16), *w, norm_weight=torch.ones(32)),
+     r"norm_weight must be torch.bfloat16 \[32\]"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(1, 32, dtype=torch.bfloat16), *w,
+                                       norm_weight=torch.ones(16, dtype=torch.bfloat16)), r"norm_weight must be"),
+    (lambda w: adallm_ops.nvfp4_linear(torch.randn(1, 32, dtype=torch.bfloat16), *w,
+                                       norm_weight=torch.ones(32, dtype=torch.bfloat16), norm_eps=float("nan")),
+     "norm_eps must be finite"),
+    (lambda w: adallm_ops.nvfp4_linear_glu(torch.randn(1, 32, dtype=torch.bfloat16), *w, "silu",
+                                           norm_weight=torch.ones(32, dtype=torch.half)), "norm_weight must be"),
 ])
 def test_bad_inputs_raise_clear_errors(call, msg):
     q = nvfp4.quantize(torch.randn(8, 32))
     with pytest.raises(ValueError, match=msg):
         call((q.weight, q.weight_scale, q.weight_global_scale))
+
+
+def test_nvfp4_linear_norm_and_residual_match_the_unfused_ops():
+    """On the CPU the fused RMSNorm is transformers' Qwen3RMSNorm bit for bit, and the residual is added after
+    rounding: the op equals norm module -> linear -> add."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    q = nvfp4.quantize(torch.randn(24, 64))
+    w = (q.weight, q.weight_scale, q.weight_global_scale)
+    norm = Qwen3RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.rand(64).to(torch.bfloat16) + 0.5
+    x, r = torch.randn(2, 3, 64, dtype=torch.bfloat16) * 30, torch.randn(2, 3, 24, dtype=torch.bfloat16)
+    fused = adallm_ops.nvfp4_linear(x, *w, None, r, norm.weight.data, 1e-6)
+    with torch.no_grad():
+        assert torch.equal(fused, adallm_ops.nvfp4_linear(norm(x), *w) + r)
+        glu = adallm_ops.nvfp4_linear_glu(x, *w, "silu", norm.weight.data, 1e-6)
+        assert torch.equal(glu, adallm_ops.nvfp4_linear_glu(norm(x), *w, "silu"))
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])

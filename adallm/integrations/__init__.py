@@ -25,6 +25,9 @@ class Family:
     and rotate-half RoPE (what apply_rotary does in all three families) fused, in qk_norm_rope_kv_write;
     moe_router: for MoE families, a subclass of the family's router class that patch gives each MoE block's `gate`
     (its class is swapped, its weight kept);
+    decoder_layer: a subclass of the family's decoder layer class that patch gives each layer (no new state), whose
+    forward passes the layer's RMSNorms and residual adds to the NVFP4 modules (fused into their GEMVs), or None (the
+    layer stays transformers');
     check(config): raises ValueError on a configuration AdaLLM does not run.
     """
 
@@ -35,6 +38,7 @@ class Family:
     eager_attention: Callable
     norm_weight_offset: float = 0.0
     moe_router: type | None = None
+    decoder_layer: type | None = None
     check: Callable = field(default=_no_check)
 
 
