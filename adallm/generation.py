@@ -70,11 +70,12 @@ def _compiled_decode_step(model):
     # Dynamo counts recompilations (limit: torch._dynamo.config.recompile_limit, 8) per code object, and
     # every model's `step` shares one: give each model its own, so only its batch sizes count.
     step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
-    # triton.multi_kernel: inductor compiles each reduction (the residual add + RMSNorm kernels) both looped and
-    # persistent and keeps the faster, timed on the first call (outside graph capture; mutated inputs are cloned for
-    # the timing). Qwen3-8B, H200, batch 1: the four norm kernels 2.29-2.63 -> 1.58-2.63 us, the step's kernels
-    # 2.490 -> 2.455 ms (benchmarks/results/gpu_runs.md, fifteenth session).
-    return torch.compile(step, fullgraph=True, dynamic=False, options={"triton.multi_kernel": 1})
+    # Inductor's defaults. Its triton.multi_kernel (each reduction compiled looped and persistent, the faster kept) took
+    # 0.035 ms off a Qwen3-8B batch-1 step while the residual add + RMSNorm kernels were inductor's, but under torch
+    # 2.11 a second process that hits the FX graph cache fails to load the multi-kernel (triton's JITFunction.cache_key
+    # on a None lock: "'NoneType' object does not support the context manager protocol"), and at batch 1 those norms
+    # now run inside the GEMVs (integrations/qwen3.py) (benchmarks/results/gpu_runs.md, sixteenth session).
+    return torch.compile(step, fullgraph=True, dynamic=False)
 
 
 def _run_compiled(step, *args) -> torch.Tensor:
