@@ -58,10 +58,13 @@ class NVFP4Linear(nn.Module):
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> [..., N]. norm: a Qwen3RMSNorm over K applied to x first; residual [..., N]: added to the
-        output (a decoder layer's residual add). On one row both run inside the GEMV (no extra launch)."""
+        output (a decoder layer's residual add). On one row both run inside the GEMV (no extra launch); on more rows
+        both stay separate ops, which inductor fuses into one add + norm kernel (as in transformers' layer)."""
         x, norm_weight, eps = norm_for_gemv(x, norm)
-        return torch.ops.adallm.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.bias,
-                                             residual, norm_weight, eps)
+        fused = residual if norm_weight is not None or x.numel() == x.shape[-1] else None
+        y = torch.ops.adallm.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.bias,
+                                          fused, norm_weight, eps)
+        return y if residual is None or fused is not None else y + residual
 
     def split_outputs(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(y, self.part_sizes, dim=-1)

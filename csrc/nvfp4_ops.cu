@@ -233,7 +233,8 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
     const at::Tensor res = residual.has_value() ? contiguous16(residual->reshape({m, n})) : at::Tensor();
     const at::Tensor nw = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
     LayerExtras extras;
-    extras.residual = residual.has_value() ? &res : nullptr;
+    const bool add_residual_after = residual.has_value() && (!gemv || m > 8);  // (Nvfp4GemvArgs::residual)
+    extras.residual = residual.has_value() && !add_residual_after ? &res : nullptr;
     if (norm_weight.has_value()) {
         if (gemv && m == 1) {  // the rows kernel's prologue, if it takes the shape (run_gemv below)
             extras.norm_weight = &nw;
@@ -259,7 +260,7 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
             else
                 at::mm_out(yc, x2, w.t());
         }
-        if (residual.has_value()) y.add_(res);
+        if (add_residual_after) y.add_(res);
         return y.reshape(out_shape);
     }
     c10::optional<at::Tensor> b;
@@ -275,6 +276,7 @@ at::Tensor nvfp4_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
         extras.norm_weight = nullptr;
         run(contiguous16(rms_norm(x2, nw, norm_eps)));
     }
+    if (add_residual_after) y.add_(res);
     return y.reshape(out_shape);
 }
 

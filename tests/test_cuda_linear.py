@@ -123,13 +123,14 @@ def rms_norm64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("m", [1, 3, 12, 40])
 @pytest.mark.parametrize("n,k,glu", [(6144, 4096, False), (24576, 4096, True), (24576, 4096, False),
                                      (4096, 12288, False), (40, 4128, False), (64, 1056, True), (24, 48, False)])
 def test_linear_norm_and_residual(n, k, m, dtype, glu):
     """A decoder layer's RMSNorm (norm_weight) and residual add (residual) inside nvfp4_linear / nvfp4_linear_glu,
     against float64: at M = 1 the rows kernel's prologue and epilogue (any N: Qwen3-8B's qkv has too few rows for
-    the rows kernel otherwise; K over several passes; the dequantize path at K = 48), other M the norm first.
+    the rows kernel otherwise; K over several passes; the dequantize path at K = 48), other M the norm first; the
+    residual inside the M <= 8 GEMV (M = 3) and added after the M <= 16 one (M = 12) and cuBLAS (M = 40).
     x is a residual stream's size (|x| ~ 2^6: fp16 x * norm_weight stays in range only because the prologue scales
     it). The residual is added after y is rounded: the result equals the op without it plus the residual, exactly."""
     w, s, g = random_nvfp4(n, k)
