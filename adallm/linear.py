@@ -61,10 +61,10 @@ class NVFP4Linear(nn.Module):
         output (a decoder layer's residual add). On one row both run inside the GEMV (no extra launch); on more rows
         both stay separate ops, which inductor fuses into one add + norm kernel (as in transformers' layer)."""
         x, norm_weight, eps = norm_for_gemv(x, norm)
-        fused = residual if norm_weight is not None or x.numel() == x.shape[-1] else None
+        one_row = x.numel() == x.shape[-1]
         y = torch.ops.adallm.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.bias,
-                                          fused, norm_weight, eps)
-        return y if residual is None or fused is not None else y + residual
+                                          residual if one_row else None, norm_weight, eps)
+        return y if residual is None or one_row else y + residual
 
     def split_outputs(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(y, self.part_sizes, dim=-1)
