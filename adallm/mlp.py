@@ -53,7 +53,8 @@ class NVFP4MLP(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         g = self.gate_up_proj
         # (a gate_up loaded as separate parts, checkpoint.SeparateParts, runs the second way)
-        if self.glu_activation is not None and x.numel() == x.shape[-1] and isinstance(g, NVFP4Linear) and g.bias is None:
+        one_op = isinstance(g, NVFP4Linear) and g.bias is None and self.glu_activation is not None
+        if one_op and x.numel() == x.shape[-1]:
             x, norm_weight, eps = norm_for_gemv(x, norm)
             h = torch.ops.adallm.nvfp4_linear_glu(x, g.weight, g.weight_scale, g.weight_global_scale,
                                                   self.glu_activation, norm_weight, eps)

@@ -124,7 +124,8 @@ def check_layer_extras(x: torch.Tensor, n: int, k: int, residual: torch.Tensor |
     if residual is not None:
         want = (*x.shape[:-1], n)
         _require(tuple(residual.shape) == want and residual.dtype == x.dtype,
-                 f"residual must be {x.dtype} {want} (the output's shape), got {residual.dtype} {tuple(residual.shape)}")
+                 f"residual must be {x.dtype} {want} (the output's shape), got {residual.dtype} "
+                 f"{tuple(residual.shape)}")
         _require(residual.device == x.device, f"residual is on {residual.device} but x is on {x.device}")
     if norm_weight is not None:
         _require(norm_weight.dim() == 1 and norm_weight.shape[0] == k and norm_weight.dtype == x.dtype,
