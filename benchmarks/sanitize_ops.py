@@ -42,16 +42,15 @@ def main():
     for m, n, k, act in [(1, 40, 4128, None), (1, 64, 96, "silu"), (1, rows_n, 256, None), (3, 24, 4112, None)]:
         q = nvfp4.quantize(torch.randn(n, k).to(dev), method="rtn")
         w = (q.weight, q.weight_scale, q.weight_global_scale)
+        w_cpu = tuple(t.cpu() for t in w)
         x = torch.randn(m, k, dtype=torch.bfloat16) * 30
         nw, r = torch.rand(k, dtype=torch.bfloat16) + 0.5, torch.randn(m, n, dtype=torch.bfloat16)
         if act is None:
-            args = (None, r, nw, 1e-6)
-            close(torch.ops.adallm.nvfp4_linear(x.to(dev), *w, *(a.to(dev) if a is not None else a for a in args[:3]),
-                                                1e-6),
-                  torch.ops.adallm.nvfp4_linear(x, *(t.cpu() for t in w), *args))
+            close(torch.ops.adallm.nvfp4_linear(x.to(dev), *w, None, r.to(dev), nw.to(dev), 1e-6),
+                  torch.ops.adallm.nvfp4_linear(x, *w_cpu, None, r, nw, 1e-6))
         else:
             close(torch.ops.adallm.nvfp4_linear_glu(x.to(dev), *w, act, nw.to(dev), 1e-6),
-                  torch.ops.adallm.nvfp4_linear_glu(x, *(t.cpu() for t in w), act, nw, 1e-6))
+                  torch.ops.adallm.nvfp4_linear_glu(x, *w_cpu, act, nw, 1e-6))
     # fp8_linear: one m-tile and two, tails of N (not a multiple of 16) and of K (not a multiple of the 256-k item),
     # a row past the last whole tile of a warp, and the dequantize + cuBLAS path (M = 17).
     for m, n, k in [(1, 40, 96), (1, 4099, 640), (9, 2051, 5376), (16, 17, 80), (17, 40, 96)]:

@@ -241,8 +241,7 @@ nvfp4_gemv_rows_kernel(Nvfp4GemvArgs a, int passes, int blocks_per_cta) {
                     }
                     // C: (row g; blocks (t, 0), (t, 1)), (row g + 8; same). Scales: e4m3 * 2^-8 as fp16, exact.
                     const uint32_t sA = e4m3x2_to_half2_bits(sc[h][0][v]), sB = e4m3x2_to_half2_bits(sc[h][1][v]);
-                    const float2 fA = __half22float2(*reinterpret_cast<const __half2*>(&sA));
-                    const float2 fB = __half22float2(*reinterpret_cast<const __half2*>(&sB));
+                    const float2 fA = unpack2<__half>(sA), fB = unpack2<__half>(sB);
                     sum[h][0] = fmaf(c[1], fA.y, fmaf(c[0], fA.x, sum[h][0]));
                     sum[h][1] = fmaf(c[3], fB.y, fmaf(c[2], fB.x, sum[h][1]));
                 }

@@ -4,7 +4,8 @@
 // nvfp4_quant.cuh.
 //
 // nvfp4_linear picks its kernel by M = rows of x (flattened):
-//   M = 1 and N >= 4 x 32 rows per SM (same conditions) -> the rows GEMV (nvfp4_gemv_rows.cuh)
+//   M = 1 and N >= 4 x 32 rows per SM, or any N with the RMSNorm (same conditions) -> the rows GEMV
+//                                                   (nvfp4_gemv_rows.cuh)
 //   M <= 16, K % 32 == 0, 16-byte aligned x/weight  -> weight-streaming tensor-core GEMV (nvfp4_gemv.cuh)
 //   otherwise                                       -> dequantize W to x.dtype in row chunks, cuBLAS per chunk
 // Neither path syncs with the host (the global scale is read on the device), so both are CUDA-graph safe.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import adallm_ops  # noqa: F401  (registers the ops and loads the CUDA kernels)
-from adallm_ops.reference import dequantize_nvfp4
+from adallm_ops.reference import dequantize_nvfp4, rms_norm
 from bad_input_child import expect_value_errors, run_as_child
 from cuda_compare import check_close, poison
 
@@ -140,7 +140,7 @@ def test_linear_norm_and_residual(n, k, m, dtype, glu):
     poison(m * n, dtype)
     wd = dequantize_nvfp4(w, s, g).double()
     xn = rms_norm64(x, norm_w, eps)
-    x_plain = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * norm_w
+    x_plain = rms_norm(x, norm_w, eps)  # the separate norm, in x.dtype
     if glu:
         out = torch.ops.adallm.nvfp4_linear_glu(x, w, s, g, "silu", norm_w, eps)
         gate, up = (xn @ wd.t()).chunk(2, dim=-1)
